@@ -1,0 +1,158 @@
+"""Batched text generation with a KV cache: one jitted prefill, then a `lax.while_loop`.
+
+The whole loop runs on the device; it stops when every row has produced an end-of-sequence
+token or `max_new_tokens` have been made. Prompts are left-padded so that all rows share
+the cache slot they write next.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lisendiff_jax.backbone.model import Decoder, KVCache
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How each next token is chosen. temperature 0 means greedy."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+class Generation(NamedTuple):
+    tokens: jax.Array  # [batch, max_new_tokens] int32, pad_token_id after each row's EOS
+    lengths: jax.Array  # [batch] int32, tokens produced per row (its EOS included)
+
+
+def sample_next(logits: jax.Array, rng: jax.Array, params: SamplingParams) -> jax.Array:
+    """Next token ids [batch] from float32 logits [batch, vocab]: greedy, or top-p sampling."""
+    if params.temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / params.temperature
+    if params.top_p < 1.0:
+        # Keep the smallest set of tokens whose probability reaches top_p (the first always).
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        kept = jnp.where(mass_before < params.top_p, sorted_logits, jnp.inf)
+        cutoff = jnp.min(kept, axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+class _LoopState(NamedTuple):
+    step: jax.Array  # [] int32: tokens written so far
+    tokens: jax.Array  # [batch, max_new_tokens]
+    last: jax.Array  # [batch]: the token to feed next
+    done: jax.Array  # [batch] bool
+    cache: KVCache
+    rng: jax.Array
+
+
+def decode(
+    model: Decoder,
+    input_ids: jax.Array,  # [batch, prompt] int32, left-padded
+    attention_mask: jax.Array,  # [batch, prompt], 0 on padding
+    rng: jax.Array,
+    params: SamplingParams,
+    forward_kwargs: dict | None = None,
+) -> Generation:
+    """Prefill and decode loop as a pure function of the model; call it under jit.
+
+    `forward_kwargs` are passed to every model call (the LisenDiff model uses them for its
+    latents); the plain backbone takes none.
+    """
+    chex.assert_rank(input_ids, 2)
+    chex.assert_equal_shape([input_ids, attention_mask])
+    forward_kwargs = forward_kwargs or {}
+    batch, prompt_len = input_ids.shape
+    eos = jnp.asarray(params.eos_token_ids or (-1,), jnp.int32)
+
+    cache = model.init_cache(batch, prompt_len + params.max_new_tokens)
+    logits, cache = model.forward(input_ids, attention_mask, cache=cache, **forward_kwargs)
+    rng, key = jax.random.split(rng)
+    first = sample_next(logits[:, -1], key, params)
+    tokens = jnp.full((batch, params.max_new_tokens), params.pad_token_id, jnp.int32)
+    state = _LoopState(
+        step=jnp.ones((), jnp.int32),
+        tokens=tokens.at[:, 0].set(first),
+        last=first,
+        done=jnp.isin(first, eos),
+        cache=cache,
+        rng=rng,
+    )
+
+    def keep_going(s: _LoopState) -> jax.Array:
+        return (s.step < params.max_new_tokens) & ~jnp.all(s.done)
+
+    def step(s: _LoopState) -> _LoopState:
+        ones = jnp.ones((batch, 1), jnp.int32)
+        logits, cache = model.forward(s.last[:, None], ones, cache=s.cache, **forward_kwargs)
+        rng, key = jax.random.split(s.rng)
+        nxt = jnp.where(s.done, params.pad_token_id, sample_next(logits[:, -1], key, params))
+        return _LoopState(
+            step=s.step + 1,
+            tokens=jax.lax.dynamic_update_slice(s.tokens, nxt[:, None], (0, s.step)),
+            last=nxt,
+            done=s.done | jnp.isin(nxt, eos),
+            cache=cache,
+            rng=rng,
+        )
+
+    final = jax.lax.while_loop(keep_going, step, state)
+    produced = jnp.arange(params.max_new_tokens)[None, :] < final.step
+    is_eos = jnp.isin(final.tokens, eos) & produced
+    # A row's length runs to its first EOS (inclusive), or to the last step taken.
+    first_eos = jnp.where(jnp.any(is_eos, axis=1), jnp.argmax(is_eos, axis=1) + 1, final.step)
+    return Generation(tokens=final.tokens, lengths=first_eos.astype(jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "params"))
+def _decode_jit(graphdef, state, input_ids, attention_mask, rng, params):
+    return decode(nnx.merge(graphdef, state), input_ids, attention_mask, rng, params)
+
+
+def generate(
+    model: Decoder,
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None = None,
+    *,
+    params: SamplingParams | None = None,
+    rng: jax.Array | None = None,
+) -> Generation:
+    """Generates continuations of left-padded prompts [batch, prompt] with the backbone.
+
+    EOS ids default to the checkpoint's. Compiled once per (shapes, params).
+    """
+    params = params or SamplingParams(eos_token_ids=model.config.eos_token_ids)
+    if attention_mask is None:
+        attention_mask = jnp.ones_like(input_ids)
+    rng = jax.random.key(0) if rng is None else rng
+    graphdef, state = nnx.split(model)
+    return _decode_jit(
+        graphdef,
+        state,
+        jnp.asarray(input_ids, jnp.int32),
+        jnp.asarray(attention_mask, jnp.int32),
+        rng,
+        params,
+    )

@@ -1,0 +1,207 @@
+"""Filling an abstract Decoder from Hugging Face safetensors, one tensor at a time.
+
+The model is first built with `nnx.eval_shape` (shapes only, no memory); each checkpoint tensor
+is then memory-mapped, renamed by the rule table below, transposed where transformers and Flax
+disagree on layout, cast, and placed. No PyTorch model is ever built.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from lisendiff_jax.backbone.config import BackboneConfig
+from lisendiff_jax.backbone.model import Decoder
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match the architecture its config describes."""
+
+
+# (HF key template, our parameter path template, transpose?). `{name}` matches one key segment.
+# torch Linear stores [out, in] and nnx.Linear's kernel is [in, out], hence the transposes.
+RULES: tuple[tuple[str, str, bool], ...] = (
+    ("model.embed_tokens.weight", "embed_tokens.embedding", False),
+    ("model.norm.weight", "norm.scale", False),
+    ("lm_head.weight", "lm_head.kernel", True),
+    ("model.layers.{i}.{norm}_layernorm.weight", "layers.{i}.{norm}_layernorm.scale", False),
+    ("model.layers.{i}.{block}.{proj}.weight", "layers.{i}.{block}.{proj}.kernel", True),
+    ("model.layers.{i}.{block}.{proj}.bias", "layers.{i}.{block}.{proj}.bias", False),
+)
+# Buffers some exporters write that carry no parameters.
+IGNORED = (re.compile(r".*rotary_emb\.inv_freq$"),)
+
+
+def _template_regex(template: str) -> re.Pattern[str]:
+    pattern = re.escape(template)
+    pattern = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[A-Za-z0-9_]+)", pattern)
+    return re.compile(pattern + "$")
+
+
+_HF_TO_OURS = tuple((_template_regex(hf), ours, t) for hf, ours, t in RULES)
+_OURS_TO_HF = tuple((_template_regex(ours), hf, t) for hf, ours, t in RULES)
+
+
+def _rewrite(name: str, table) -> tuple[str, bool] | None:
+    for regex, template, transpose in table:
+        match = regex.match(name)
+        if match:
+            return template.format(**match.groupdict()), transpose
+    return None
+
+
+def hf_key_to_path(key: str) -> tuple[tuple[str | int, ...], bool] | None:
+    """Our parameter path for an HF tensor name, and whether its layout is transposed."""
+    rewritten = _rewrite(key, _HF_TO_OURS)
+    if rewritten is None:
+        return None
+    dotted, transpose = rewritten
+    return tuple(int(p) if p.isdigit() else p for p in dotted.split(".")), transpose
+
+
+def path_to_hf_key(path: tuple[str | int, ...]) -> tuple[str, bool]:
+    """The HF tensor name for one of our parameter paths, and whether to transpose it."""
+    rewritten = _rewrite(".".join(map(str, path)), _OURS_TO_HF)
+    if rewritten is None:
+        raise KeyError(f"no checkpoint name for parameter {path}")
+    return rewritten
+
+
+# safetensors dtype names -> numpy dtypes (bfloat16 through ml_dtypes, which JAX ships with).
+_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+
+def read_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields (name, array) from one .safetensors file, memory-mapped, no copy."""
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{path}: not a safetensors file (bad header)") from None
+        data_start = 8 + header_len
+        header.pop("__metadata__", None)
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            raise CheckpointError(f"{path}: empty file")
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    for name, info in header.items():
+        if info["dtype"] not in _DTYPES:
+            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        begin, end = info["data_offsets"]
+        if data_start + end > size:
+            raise CheckpointError(f"{path}: tensor {name} runs past the end of the file")
+        dtype = np.dtype(_DTYPES[info["dtype"]])
+        count = (end - begin) // dtype.itemsize
+        array = np.frombuffer(buf, dtype=dtype, count=count, offset=data_start + begin)
+        yield name, array.reshape(info["shape"])
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    """The checkpoint's files: those of the shard index, or the single model file."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = [folder / name for name in dict.fromkeys(weight_map.values())]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index}: shard file(s) missing: {', '.join(missing)}")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(
+            f"{folder}: no *.safetensors file (PyTorch .bin checkpoints are not read; "
+            "re-save the model with save_pretrained(safe_serialization=True))"
+        )
+    return files
+
+
+def resolve_checkpoint(path_or_hub_id: str | os.PathLike) -> Path:
+    """A local checkpoint folder, or a hub id downloaded (config, weights, tokenizer only)."""
+    local = Path(path_or_hub_id).expanduser()
+    if local.is_dir():
+        return local
+    if local.exists():
+        raise CheckpointError(f"{local}: expected a checkpoint folder, found a file")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(
+                str(path_or_hub_id),
+                allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja"],
+            )
+        )
+    except Exception as err:  # hub errors come in many types; all mean "could not get it"
+        raise CheckpointError(
+            f"{path_or_hub_id}: not a local folder, and fetching it from the Hugging Face hub "
+            f"failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+        ) from None
+
+
+def load_backbone(
+    path_or_hub_id: str | os.PathLike,
+    dtype: str | jnp.dtype = "float32",
+    compute_dtype: str | jnp.dtype | None = None,
+) -> Decoder:
+    """A Decoder with the checkpoint's weights in `dtype`, computing in `compute_dtype`.
+
+    `compute_dtype` defaults to `dtype`; logits and attention softmax are float32 either way.
+    """
+    folder = resolve_checkpoint(path_or_hub_id)
+    config = BackboneConfig.from_pretrained(folder)
+    param_dtype = jnp.dtype(dtype)
+    compute = jnp.dtype(compute_dtype) if compute_dtype is not None else param_dtype
+    abstract = nnx.eval_shape(
+        lambda: Decoder(config, dtype=compute, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+    )
+    graphdef, state = nnx.split(abstract)
+    targets = dict(nnx.to_flat_state(state))
+    filled: set[tuple] = set()
+    for file in safetensors_files(folder):
+        for name, tensor in read_safetensors(file):
+            if any(p.match(name) for p in IGNORED):
+                continue
+            mapped = hf_key_to_path(name)
+            if mapped is None or mapped[0] not in targets:
+                if name == "lm_head.weight" and config.tie_word_embeddings:
+                    continue  # some exporters write the tied head out anyway
+                raise CheckpointError(f"{file}: unexpected tensor {name} for {config.architecture}")
+            path, transpose = mapped
+            variable = targets[path]
+            expected = variable.shape[::-1] if transpose else variable.shape
+            if tensor.shape != tuple(expected):
+                raise CheckpointError(
+                    f"{file}: tensor {name} has shape {tuple(tensor.shape)}, "
+                    f"expected {tuple(expected)}"
+                )
+            value = jnp.asarray(tensor)  # transposed and cast on the device, not in NumPy
+            variable.set_value((value.T if transpose else value).astype(param_dtype))
+            filled.add(path)
+    missing = [path_to_hf_key(p)[0] for p in targets if p not in filled]
+    if missing:
+        raise CheckpointError(
+            f"{folder}: checkpoint lacks {len(missing)} tensor(s) the config needs: "
+            f"{', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}"
+        )
+    return nnx.merge(graphdef, state)

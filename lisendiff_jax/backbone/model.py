@@ -1,0 +1,262 @@
+"""The Llama / Qwen2 decoder in Flax NNX.
+
+Submodules carry the names of their transformers counterparts (`self_attn.q_proj`,
+`input_layernorm`, ...) so that checkpoint keys map onto our parameter paths by rule.
+Parameters are stored in `param_dtype` and computed in `dtype`; attention softmax and logits
+are always float32.
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from lisendiff_jax.backbone.config import BackboneConfig
+from lisendiff_jax.backbone.rope import apply_rotary, inverse_frequencies, rotary_tables
+
+# Finite, so that a padded query row (no allowed key) gives uniform weights rather than NaN.
+_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+@struct.dataclass
+class KVCache:
+    """Keys and values of every layer for slots [0, end), written left to right.
+
+    A batch of left-padded prompts shares the slot index; `key_mask` marks which slots hold
+    real tokens and `next_position` is each row's next rotary position.
+    """
+
+    keys: tuple[jax.Array, ...]  # per layer [batch, max_len, kv_heads, head_dim]
+    values: tuple[jax.Array, ...]  # per layer [batch, max_len, kv_heads, head_dim]
+    key_mask: jax.Array  # [batch, max_len] bool
+    end: jax.Array  # [] int32
+    next_position: jax.Array  # [batch] int32
+
+    @property
+    def max_len(self) -> int:
+        return self.key_mask.shape[1]
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, param_dtype: jnp.dtype):
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # Normalise in float32 and cast back before scaling, as transformers does.
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(x.dtype) * normed.astype(x.dtype)
+
+
+def _linear(
+    d_in: int, d_out: int, bias: bool, dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs
+) -> nnx.Linear:
+    return nnx.Linear(d_in, d_out, use_bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with rotary positions and an optional KV cache."""
+
+    def __init__(
+        self, cfg: BackboneConfig, *, dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs
+    ):
+        q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.q_proj = _linear(cfg.hidden_size, q_dim, cfg.qkv_bias, dtype, param_dtype, rngs)
+        self.k_proj = _linear(cfg.hidden_size, kv_dim, cfg.qkv_bias, dtype, param_dtype, rngs)
+        self.v_proj = _linear(cfg.hidden_size, kv_dim, cfg.qkv_bias, dtype, param_dtype, rngs)
+        self.o_proj = _linear(q_dim, cfg.hidden_size, cfg.o_bias, dtype, param_dtype, rngs)
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+        )
+
+    def __call__(
+        self,
+        x: jax.Array,  # [batch, seq, hidden]
+        cos: jax.Array,  # [batch, seq, head_dim]
+        sin: jax.Array,
+        allowed: jax.Array,  # [batch, seq, keys] bool
+        kv: tuple[jax.Array, jax.Array] | None,  # cache [batch, max_len, kv_heads, head_dim]
+        end: jax.Array | int,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv is not None:
+            k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, end, 0, 0))
+            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, end, 0, 0))
+            kv = (k, v)
+        # Query head h reads kv head h // group, matching transformers' repeat_kv layout.
+        group = self.num_heads // self.num_kv_heads
+        q = q.reshape(b, t, self.num_kv_heads, group, self.head_dim)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+        scores = jnp.where(allowed[:, None, None], scores * self.head_dim**-0.5, _MASKED)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, -1)
+        return self.o_proj(out), kv
+
+
+class MLP(nnx.Module):
+    def __init__(
+        self, cfg: BackboneConfig, *, dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs
+    ):
+        h, i, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj = _linear(h, i, bias, dtype, param_dtype, rngs)
+        self.up_proj = _linear(h, i, bias, dtype, param_dtype, rngs)
+        self.down_proj = _linear(i, h, bias, dtype, param_dtype, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(
+        self, cfg: BackboneConfig, *, dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs
+    ):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.self_attn = Attention(cfg, **kw)
+        self.post_attention_layernorm = RMSNorm(
+            cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype
+        )
+        self.mlp = MLP(cfg, **kw)
+
+    def __call__(self, x, cos, sin, allowed, kv, end):
+        attn_out, kv = self.self_attn(self.input_layernorm(x), cos, sin, allowed, kv, end)
+        x = x + attn_out
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+class Decoder(nnx.Module):
+    """A causal language model: `model(input_ids)` gives float32 logits [batch, seq, vocab]."""
+
+    def __init__(
+        self,
+        config: BackboneConfig,
+        *,
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.config = config
+        self.dtype = dtype
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, **kw)
+        self.layers = nnx.List([DecoderLayer(config, **kw) for _ in range(config.num_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
+        if config.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = nnx.Linear(
+                config.hidden_size,
+                config.vocab_size,
+                use_bias=False,
+                preferred_element_type=jnp.float32,
+                **kw,
+            )
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        *,
+        positions: jax.Array | None = None,
+    ) -> jax.Array:
+        logits, _ = self.forward(input_ids, attention_mask, positions=positions)
+        return logits
+
+    def forward(
+        self,
+        input_ids: jax.Array,  # [batch, seq] int32
+        attention_mask: jax.Array | None = None,  # [batch, seq], 0 on (left) padding
+        *,
+        positions: jax.Array | None = None,  # [batch, seq] int32
+        cache: KVCache | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Logits [batch, seq, vocab] (float32) and, when given a cache, the updated cache."""
+        hidden, cache = self.hidden_states(
+            input_ids, attention_mask, positions=positions, cache=cache
+        )
+        return self.logits(hidden), cache
+
+    def hidden_states(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        *,
+        positions: jax.Array | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """The final-norm hidden states [batch, seq, hidden], before the LM head."""
+        chex.assert_rank(input_ids, 2)
+        b, t = input_ids.shape
+        mask = (
+            jnp.ones((b, t), jnp.bool_)
+            if attention_mask is None
+            else attention_mask.astype(jnp.bool_)
+        )
+        chex.assert_shape(mask, (b, t))
+        start = 0 if cache is None else cache.next_position[:, None]
+        if positions is None:
+            positions = jnp.maximum(start + jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
+        cos, sin = rotary_tables(
+            positions, inverse_frequencies(self.config.head_dim, self.config.rope)
+        )
+
+        if cache is None:
+            end, key_mask = 0, mask
+        else:
+            end = cache.end
+            key_mask = jax.lax.dynamic_update_slice(cache.key_mask, mask, (0, end))
+        query_slots = end + jnp.arange(t)
+        key_slots = jnp.arange(key_mask.shape[1])
+        allowed = (key_slots[None, :] <= query_slots[:, None])[None] & key_mask[:, None, :]
+
+        x = self.embed_tokens(input_ids)
+        new_keys, new_values = [], []
+        for i, layer in enumerate(self.layers):
+            kv = None if cache is None else (cache.keys[i], cache.values[i])
+            x, kv = layer(x, cos, sin, allowed, kv, end)
+            if kv is not None:
+                new_keys.append(kv[0])
+                new_values.append(kv[1])
+        if cache is not None:
+            cache = KVCache(
+                keys=tuple(new_keys),
+                values=tuple(new_values),
+                key_mask=key_mask,
+                end=cache.end + t,
+                next_position=cache.next_position + mask.sum(axis=1, dtype=jnp.int32),
+            )
+        return self.norm(x), cache
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """float32 logits from hidden states, without an fp32 copy of the head's weights."""
+        if self.lm_head is None:
+            table = self.embed_tokens.embedding[...]
+            return jnp.einsum(
+                "...d,vd->...v",
+                hidden.astype(self.dtype),
+                table.astype(self.dtype),
+                preferred_element_type=jnp.float32,
+            )
+        return self.lm_head(hidden)
+
+    def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype | None = None) -> KVCache:
+        """An empty cache for `batch` rows and up to `max_len` tokens per row."""
+        cfg = self.config
+        shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        dtype = dtype or self.dtype
+        return KVCache(
+            keys=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+            values=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+            key_mask=jnp.zeros((batch, max_len), jnp.bool_),
+            end=jnp.zeros((), jnp.int32),
+            next_position=jnp.zeros((batch,), jnp.int32),
+        )
