@@ -45,6 +45,13 @@ class MixSource:
 
 
 @dataclasses.dataclass(frozen=True)
+class StyleCount:
+    dialogues: int
+    pairs: int
+    langs: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
 class SourceReport:
     """What one source contributed, for the summary printed before training."""
 
@@ -58,9 +65,7 @@ class SourceReport:
     pairs_available: int
     pairs_selected: int
     skipped: int
-    # style -> (dialogues selected, pairs selected); langs of the selected pairs.
-    by_style: dict[str, tuple[int, int]]
-    langs: tuple[str, ...]
+    by_style: dict[str, StyleCount]  # what was selected, per style
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,7 +163,6 @@ def build_mix(
                 pairs_selected=len(taken),
                 skipped=corpus.skipped,
                 by_style=_by_style(selected),
-                langs=tuple(sorted({e.lang for e in taken})),
             )
         )
     random.Random(seed).shuffle(examples)
@@ -176,18 +180,19 @@ def _regroup(examples: list[Example]) -> list[list[Example]]:
     return groups
 
 
-def _by_style(dialogues: Sequence[Sequence[Example]]) -> dict[str, tuple[int, int]]:
-    counts: dict[str, tuple[int, int]] = {}
-    for dialogue in dialogues:
-        style = dialogue[0].style
-        n_dialogues, n_pairs = counts.get(style, (0, 0))
-        counts[style] = (n_dialogues + 1, n_pairs + len(dialogue))
-    return {style: counts[style] for style in STYLES if style in counts}
+def _by_style(dialogues: Sequence[Sequence[Example]]) -> dict[str, StyleCount]:
+    counts = {}
+    for style in STYLES:
+        chosen = [d for d in dialogues if d[0].style == style]
+        if chosen:
+            langs = tuple(sorted({e.lang for d in chosen for e in d}))
+            counts[style] = StyleCount(len(chosen), sum(len(d) for d in chosen), langs)
+    return counts
 
 
 def count_by_source_and_style(mix: Mix) -> dict[str, dict[str, int]]:
     """Selected pairs per source label and style, e.g. {"esconv": {"empathy": 120}}."""
-    return {r.name: {style: pairs for style, (_, pairs) in r.by_style.items()} for r in mix.sources}
+    return {r.name: {style: c.pairs for style, c in r.by_style.items()} for r in mix.sources}
 
 
 def count_by_style(mix: Mix) -> dict[str, int]:
@@ -202,21 +207,21 @@ def summary_table(mix: Mix) -> str:
     header = ("source", "split", "fraction", "style", "lang", "dialogues", "pairs", "skipped")
     rows = []
     for r in mix.sources:
-        for style, (n_dialogues, n_pairs) in (r.by_style or {"-": (0, 0)}).items():
+        for style, c in (r.by_style or {"-": StyleCount(0, 0, ())}).items():
             rows.append(
                 (
                     r.name,
                     r.split or "-",
                     f"{r.fraction:g}",
                     style,
-                    ",".join(r.langs) or "-",
-                    f"{n_dialogues}/{r.dialogues_available}",
-                    f"{n_pairs}/{r.pairs_available}",
+                    ",".join(c.langs) or "-",
+                    f"{c.dialogues}/{r.dialogues_available}",
+                    f"{c.pairs}/{r.pairs_available}",
                     str(r.skipped),
                 )
             )
     for style, pairs in count_by_style(mix).items():
-        dialogues = sum(r.by_style.get(style, (0, 0))[0] for r in mix.sources)
+        dialogues = sum(r.by_style[style].dialogues for r in mix.sources if style in r.by_style)
         rows.append(("total", "", "", style, "", str(dialogues), str(pairs), ""))
     total_dialogues = sum(r.dialogues_selected for r in mix.sources)
     total_skipped = sum(r.skipped for r in mix.sources)
