@@ -116,20 +116,29 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
+    """Pre-norm self-attention and MLP blocks.
+
+    `cross_attn` is None in a plain backbone; LisenDiff attaches a module there that lets the
+    hidden states attend to a latent set after self-attention.
+    """
+
     def __init__(
         self, cfg: BackboneConfig, *, dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs
     ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.self_attn = Attention(cfg, **kw)
+        self.cross_attn: nnx.Module | None = None
         self.post_attention_layernorm = RMSNorm(
             cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype
         )
         self.mlp = MLP(cfg, **kw)
 
-    def __call__(self, x, cos, sin, allowed, kv, end):
+    def __call__(self, x, cos, sin, allowed, kv, end, latents=None, latent_mask=None):
         attn_out, kv = self.self_attn(self.input_layernorm(x), cos, sin, allowed, kv, end)
         x = x + attn_out
+        if self.cross_attn is not None and latents is not None:
+            x = x + self.cross_attn(x, latents, latent_mask)
         return x + self.mlp(self.post_attention_layernorm(x)), kv
 
 
@@ -167,8 +176,12 @@ class Decoder(nnx.Module):
         attention_mask: jax.Array | None = None,
         *,
         positions: jax.Array | None = None,
+        latents: jax.Array | None = None,
+        latent_mask: jax.Array | None = None,
     ) -> jax.Array:
-        logits, _ = self.forward(input_ids, attention_mask, positions=positions)
+        logits, _ = self.forward(
+            input_ids, attention_mask, positions=positions, latents=latents, latent_mask=latent_mask
+        )
         return logits
 
     def forward(
@@ -178,10 +191,17 @@ class Decoder(nnx.Module):
         *,
         positions: jax.Array | None = None,  # [batch, seq] int32
         cache: KVCache | None = None,
+        latents: jax.Array | None = None,  # [batch, L, d_latent], for attached cross-attention
+        latent_mask: jax.Array | None = None,  # [batch, L]
     ) -> tuple[jax.Array, KVCache | None]:
         """Logits [batch, seq, vocab] (float32) and, when given a cache, the updated cache."""
         hidden, cache = self.hidden_states(
-            input_ids, attention_mask, positions=positions, cache=cache
+            input_ids,
+            attention_mask,
+            positions=positions,
+            cache=cache,
+            latents=latents,
+            latent_mask=latent_mask,
         )
         return self.logits(hidden), cache
 
@@ -192,6 +212,8 @@ class Decoder(nnx.Module):
         *,
         positions: jax.Array | None = None,
         cache: KVCache | None = None,
+        latents: jax.Array | None = None,
+        latent_mask: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """The final-norm hidden states [batch, seq, hidden], before the LM head."""
         chex.assert_rank(input_ids, 2)
@@ -222,7 +244,7 @@ class Decoder(nnx.Module):
         new_keys, new_values = [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.keys[i], cache.values[i])
-            x, kv = layer(x, cos, sin, allowed, kv, end)
+            x, kv = layer(x, cos, sin, allowed, kv, end, latents, latent_mask)
             if kv is not None:
                 new_keys.append(kv[0])
                 new_values.append(kv[1])
