@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import sys
+import types
 from pathlib import Path
 
 import openpyxl
@@ -315,6 +317,7 @@ J_ED_DIALOGUE = [
 
 def test_j_ed_listener_of_each_dialogue(tmp_path: Path) -> None:
     file = workbook(tmp_path / "jed.xlsx", J_ED_SITUATIONS, J_ED_DIALOGUE)
+    write(tmp_path / "~$jed.xlsx", "an Excel lock file, not a workbook")
     examples = load_pairs("j_empathetic_dialogues", tmp_path)
     assert pairs(examples) == [
         (["試験に合格しました！"], "おめでとうございます！"),
@@ -456,3 +459,41 @@ def test_hub_id_never_touches_the_network_when_offline(monkeypatch: pytest.Monke
 def test_on_error_must_be_known(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="on_error"):
         load_pairs("daily_dialog", write(tmp_path / "d.txt", DD_TEXT), on_error="ignore")
+
+
+def test_hub_rows_are_read_like_the_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the hub reachable, a hub id goes through `datasets`; a stand-in answers here."""
+    ed_columns = ED_HEADER.split(",")
+    ed_rows = [
+        dict(
+            zip(
+                ed_columns,
+                ["c1", 1, "sad", "s", 1, "I lost my keys_comma_ again.", "", ""],
+                strict=True,
+            )
+        ),
+        dict(zip(ed_columns, ["c1", 2, "sad", "s", 2, "Oh no!", "", ""], strict=True)),
+    ]
+    rows = {
+        "facebook/empathetic_dialogues": ed_rows,
+        "li2017dailydialog/daily_dialog": [{"dialog": ["Hi .", "Hello ."], "act": [1, 1]}],
+        "thu-coai/esconv": [{"text": json.dumps(ESCONV_DIALOGUE)}],
+    }
+    calls = []
+
+    def load_dataset(hub_id: str, split: str) -> list[dict]:
+        calls.append((hub_id, split))
+        return rows[hub_id]
+
+    monkeypatch.setattr("lisendiff_jax.data.readers._common.hub_offline", lambda: False)
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    assert pairs(load_pairs("empathetic_dialogues", "facebook/empathetic_dialogues")) == [
+        (["I lost my keys, again."], "Oh no!")
+    ]
+    assert pairs(load_pairs("daily_dialog", "li2017dailydialog/daily_dialog", "test")) == [
+        (["Hi ."], "Hello .")
+    ]
+    assert pairs(load_pairs("esconv", "thu-coai/esconv")) == ESCONV_PAIRS
+    assert calls[1] == ("li2017dailydialog/daily_dialog", "test")
+    with pytest.raises(DataError, match="no such file"):
+        load_pairs("j_daily_dialog", "someone/j-daily-dialog")  # not read from the hub

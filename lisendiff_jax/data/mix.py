@@ -78,6 +78,8 @@ class Mix:
 
 def as_source(spec: MixSource | Sequence[Any] | Mapping[str, Any]) -> MixSource:
     """Accepts a MixSource, a (format, path, fraction[, split]) tuple or a config mapping."""
+    if hasattr(spec, "to_dict"):
+        spec = spec.to_dict()  # an ml_collections ConfigDict, which is not a Mapping
     if isinstance(spec, MixSource):
         source = spec
     elif isinstance(spec, Mapping):

@@ -94,7 +94,8 @@ def load_corpus(
     hub carries, when the hub is reachable) a hub dataset id.
 
     `on_error="skip"` leaves out malformed rows instead of raising; their number and one
-    message per row come back in the result and in a `SkippedRowsWarning`.
+    message per row come back in the result and in a `SkippedRowsWarning`. Problems with a
+    whole file (missing, not JSON, not a workbook, wrong header) always raise `DataError`.
     """
     spec = get_format(format)
     problems = Problems(on_error)

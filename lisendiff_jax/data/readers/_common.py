@@ -10,7 +10,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lisendiff_jax.data.errors import BadRecord, DataError
+from lisendiff_jax.data.errors import BadRecord, DataError, one_line
 from lisendiff_jax.data.example import STYLES, Example
 
 
@@ -91,7 +91,7 @@ def to_examples(dialogue: Dialogue, source: str) -> list[Example]:
 
 def check_style(style: object) -> str:
     if style not in STYLES:
-        raise BadRecord(f"style must be one of {STYLES}, got {style!r}")
+        raise BadRecord(f"style must be one of {STYLES}, got {one_line(style)}")
     return str(style)
 
 
@@ -112,7 +112,7 @@ def as_int(value: object, name: str) -> int:
     try:
         return int(str(value).strip())
     except ValueError:
-        raise BadRecord(f"{name} should be an integer, got {value!r}") from None
+        raise BadRecord(f"{name} should be an integer, got {one_line(value)}") from None
 
 
 # Split names differ between corpora ("valid" in ED, "validation" in DailyDialog).
@@ -137,7 +137,10 @@ def resolve_glob(path: Path, pattern: str, what: str) -> list[Path]:
     """`path` when it is a file, else every file matching `pattern` below it, sorted."""
     if path.is_file():
         return [path]
-    files = sorted(p for p in path.rglob(pattern) if p.is_file())
+    # Editors leave lock and hidden files ("~$book.xlsx", ".#x.json") next to the real ones.
+    files = sorted(
+        p for p in path.rglob(pattern) if p.is_file() and not p.name.startswith(("~$", "."))
+    )
     if not files:
         raise DataError(f"{path}: no {what} found (looked for {pattern})")
     return files

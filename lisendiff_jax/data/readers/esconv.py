@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from lisendiff_jax.data.errors import BadRecord, Problems
+from lisendiff_jax.data.errors import BadRecord, Problems, one_line
 from lisendiff_jax.data.readers._common import (
     Dialogue,
     Turn,
@@ -102,6 +102,8 @@ def _dialogue(dialogue_id: str, item: Any) -> Dialogue:
         except BadRecord as error:
             raise BadRecord(f"turn {k}: {error}") from None
         if speaker not in SPEAKERS:
-            raise BadRecord(f"turn {k}: speaker should be one of {SPEAKERS}, got {speaker!r}")
+            raise BadRecord(
+                f"turn {k}: speaker should be one of {SPEAKERS}, got {one_line(speaker)}"
+            )
         turns.append(Turn(speaker, clean(text)))
     return Dialogue(dialogue_id, merge_consecutive(turns), LISTENER, STYLE, LANG)

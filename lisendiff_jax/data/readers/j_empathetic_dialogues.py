@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from lisendiff_jax.data.errors import BadRecord, DataError, Problems
+from lisendiff_jax.data.errors import BadRecord, DataError, Problems, one_line
 from lisendiff_jax.data.readers._common import Dialogue, Turn, clean, resolve_glob, second_speaker
 
 NAME = "j_empathetic_dialogues"
@@ -39,7 +39,8 @@ def read(path: Path, split: str | None, problems: Problems) -> Iterator[Dialogue
         try:
             workbook = openpyxl.load_workbook(file, read_only=True, data_only=True)
         except Exception as error:  # openpyxl raises many kinds; all mean "not a workbook"
-            raise DataError(f"{file}: cannot open it as an Excel workbook: {error}") from None
+            reason = " ".join(str(error).split())
+            raise DataError(f"{file}: cannot open it as an Excel workbook: {reason}") from None
         try:
             yield from _read_workbook(file, workbook, problems)
         finally:
@@ -113,7 +114,7 @@ def _dialogue_key(row_id: str, situation_ids: set[str]) -> str:
     prefix = row_id.rpartition("_")[0]
     if prefix in situation_ids:
         return prefix
-    raise BadRecord(f"ID {row_id!r} has no row in the situation sheet")
+    raise BadRecord(f"ID {one_line(row_id)} has no row in the situation sheet")
 
 
 def _listener(turns: Sequence[Turn]) -> str | None:
