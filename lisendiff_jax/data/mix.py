@@ -121,8 +121,10 @@ def build_mix(
 ) -> Mix:
     """Reads every source, keeps its fraction and shuffles all examples together.
 
-    The choice inside each source depends only on (seed, source label), so adding a source
-    does not change what the others contribute; the final order depends on the seed.
+    Fractions are of the dialogues that give at least one pair (a one-turn dialogue has no
+    reply to learn from). The choice inside each source depends only on (seed, source label),
+    so adding a source does not change what the others contribute; the final order depends
+    on the seed.
     """
     if unit not in UNITS:
         raise DataError(f"unit must be one of {UNITS}, got {unit!r}")
