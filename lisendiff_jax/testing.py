@@ -12,30 +12,7 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerFast
 
-# The control tokens of a Llama-3-style chat format. The pad token comes first so that it gets
-# id 0, which a tiny model's embedding table can treat like any other row.
-PAD_TOKEN = "<|pad|>"
-BOS_TOKEN = "<|begin_of_text|>"
-EOS_TOKEN = "<|end_of_text|>"
-END_OF_TURN_TOKEN = "<|eot_id|>"
-SPECIAL_TOKENS = (
-    PAD_TOKEN,
-    BOS_TOKEN,
-    EOS_TOKEN,
-    "<|start_header_id|>",
-    "<|end_header_id|>",
-    END_OF_TURN_TOKEN,
-)
-
-# Llama-3 layout: a header per turn, content trimmed, each turn closed by <|eot_id|>.
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
-    "{{ message['content'] | trim }}<|eot_id|>"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
-)
+from lisendiff_jax.tiny import train_chat_tokenizer
 
 # Training text for the merges: a few lines in each language the project touches, so common
 # words become single tokens while any other text still encodes through the byte alphabet.
@@ -58,30 +35,8 @@ TINY_VOCAB_SIZE = 512
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer with Llama-3-style special tokens and chat template.
-
-    Byte-level, so any string (English, Japanese, Chinese, emoji) encodes without unknown
-    tokens; `len(tokenizer)` is at most TINY_VOCAB_SIZE.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=TINY_VOCAB_SIZE,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(_CORPUS, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token=BOS_TOKEN,
-        eos_token=END_OF_TURN_TOKEN,
-        pad_token=PAD_TOKEN,
-        chat_template=CHAT_TEMPLATE,
-    )
+    """A 512-token byte-level BPE with Llama-3-style control tokens and chat template."""
+    return train_chat_tokenizer(_CORPUS, TINY_VOCAB_SIZE)
 
 
 def save_tiny_sentence_transformer(path: str | Path, hidden_size: int = 32, seed: int = 0) -> Path:

@@ -12,7 +12,8 @@ from lisendiff_jax.data.formatting import (
     encode_examples,
     system_prompt,
 )
-from lisendiff_jax.testing import END_OF_TURN_TOKEN, tiny_tokenizer
+from lisendiff_jax.testing import tiny_tokenizer
+from lisendiff_jax.tiny import END_OF_TURN_TOKEN
 
 SYSTEM = "Be kind."
 

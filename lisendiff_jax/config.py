@@ -1,0 +1,174 @@
+"""The schema of an experiment: one locked ConfigDict with every key and its default.
+
+Config files in `configs/` start from `base_config()` (or `paper_config(...)`) and change
+values; they cannot add keys, and neither can `--config.key=value` on the command line, so a
+typo is an error rather than a silently ignored setting. `validate` checks values before any
+heavy work starts.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from lisendiff_jax.data.readers import FORMATS
+
+SCHEDULES = ("constant", "cosine", "linear")
+REMAT_POLICIES = ("none", "full", "dots")
+DIFFUSION_SCHEDULES = ("linear", "cosine", "zero_terminal_snr")
+LOSS_WEIGHTS = ("uniform", "snr", "min_snr")
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TARGET_LANGS = ("zh", "yue", "en", "ja")
+TINY_BACKBONE = "tiny"
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the option."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key an experiment has, with the paper's values where the paper gives one."""
+    c = ml_collections.ConfigDict()
+    c.name = "experiment"
+    c.seed = 0
+    # Steps and checkpoints (SPEC: every config has these two).
+    c.num_steps = 0  # 0 = one epoch over the data mix
+    c.checkpoint_every = 500
+    c.keep_checkpoints = 3
+    c.log_every = 10
+
+    c.batch_size = 1
+    c.grad_accum_steps = 1
+    c.learning_rate = 1e-4
+    c.lr_schedule = "constant"
+    c.warmup_steps = 0
+    c.weight_decay = 0.0
+    c.clip_grad_norm = 1.0
+    c.optimizer_state_dtype = "float32"  # bfloat16 halves Adam's first moment
+
+    c.model = ml_collections.ConfigDict()
+    m = c.model
+    m.backbone = "meta-llama/Llama-3.1-8B-Instruct"  # hub id, local folder, or "tiny"
+    m.param_dtype = "bfloat16"  # the frozen backbone's weights
+    m.compute_dtype = "bfloat16"
+    m.trainable_dtype = "float32"  # LoRA, cross-attention, summary, denoisers, lm_head
+    m.lisendiff = True  # False: the BaseLLM+L2 baseline (LoRA only)
+    m.train_lm_head = True
+    m.remat = "full"
+    m.lora = ml_collections.ConfigDict(
+        dict(rank=16, alpha=32.0, dropout=0.1, targets=("q_proj", "v_proj"))
+    )
+    m.cross_attention = ml_collections.ConfigDict(
+        dict(last_n_layers=12, inner_dim=0, num_heads=8)  # inner_dim 0 = the hidden size
+    )
+    m.summary = ml_collections.ConfigDict(dict(num_queries=1, num_heads=8, depth=1))
+    m.denoiser = ml_collections.ConfigDict(dict(depth=1, num_heads=8, mlp_ratio=4))
+    m.diffusion = ml_collections.ConfigDict(
+        dict(
+            num_steps=50,
+            beta_start=0.001,
+            beta_end=0.02,
+            schedule="linear",
+            loss_weight="uniform",
+        )
+    )
+
+    c.data = ml_collections.ConfigDict()
+    d = c.data
+    # Named sources, so each path is one option: --config.data.sources.esconv.path=/data/esconv
+    d.sources = ml_collections.ConfigDict()
+    d.unit = "dialogues"
+    d.target_lang = "zh"  # which system prompt the LLM is trained with
+    d.max_length = 512  # tokens per example, context truncated from the oldest turn
+    d.max_context = 8  # newest context utterances the summary sees
+    d.encoder = "sentence-transformers/paraphrase-multilingual-mpnet-base-v2"
+    d.encoder_batch_size = 64
+    d.cache_dir = ""  # "" = ~/.cache/lisendiff_jax/embeddings
+    d.on_error = "raise"  # or "skip": bad rows are counted and reported
+    return c
+
+
+def source(format: str, path: str, fraction: float, split: str = "") -> ml_collections.ConfigDict:
+    """One entry of `data.sources`; `split` "" means the corpus' default (train)."""
+    return ml_collections.ConfigDict(dict(format=format, path=path, fraction=fraction, split=split))
+
+
+def paper_config(backbone: str, l2: str, lisendiff: bool = True) -> ml_collections.ConfigDict:
+    """The paper's setting (appendix B) for one backbone and source language L2 ("en" or "ja").
+
+    Data paths are options to fill in (`--config.data.sources.<name>.path=...`): the corpora
+    cannot be redistributed.
+    """
+    c = base_config()
+    c.name = f"{backbone.split('/')[-1].lower()}_{l2}{'' if lisendiff else '_lora_only'}"
+    c.model.backbone = backbone
+    c.model.lisendiff = lisendiff
+    if l2 == "en":
+        c.data.sources.daily_dialog = source("daily_dialog", "data/daily_dialog", 0.03)
+        c.data.sources.esconv = source("esconv", "data/esconv", 0.10)
+    elif l2 == "ja":
+        c.data.sources.j_daily_dialog = source("j_daily_dialog", "data/j_daily_dialog", 0.10)
+        c.data.sources.j_empathetic_dialogues = source(
+            "j_empathetic_dialogues", "data/j_empathetic_dialogues", 0.20
+        )
+    else:
+        raise ConfigError(f"l2 must be 'en' or 'ja', got {l2!r}")
+    return c
+
+
+def _check(condition: bool, option: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"--config.{option}: {message}")
+
+
+def _one_of(value: object, choices: tuple, option: str) -> None:
+    _check(value in choices, option, f"{value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError naming the first option whose value cannot work."""
+    _check(c.num_steps >= 0, "num_steps", "must be >= 0 (0 = one epoch)")
+    _check(c.checkpoint_every > 0, "checkpoint_every", "must be > 0")
+    _check(c.keep_checkpoints > 0, "keep_checkpoints", "must be > 0")
+    _check(c.log_every > 0, "log_every", "must be > 0")
+    _check(c.batch_size > 0, "batch_size", "must be > 0")
+    _check(c.grad_accum_steps > 0, "grad_accum_steps", "must be > 0")
+    _check(c.learning_rate > 0, "learning_rate", "must be > 0")
+    _one_of(c.lr_schedule, SCHEDULES, "lr_schedule")
+    _check(c.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+    _check(c.clip_grad_norm >= 0, "clip_grad_norm", "must be >= 0 (0 = no clipping)")
+    _one_of(c.optimizer_state_dtype, ("float32", "bfloat16"), "optimizer_state_dtype")
+
+    m = c.model
+    for option in ("param_dtype", "compute_dtype", "trainable_dtype"):
+        _one_of(m[option], ("float32", "bfloat16", "float16"), f"model.{option}")
+    _one_of(m.remat, REMAT_POLICIES, "model.remat")
+    _check(m.lora.rank > 0, "model.lora.rank", "must be > 0")
+    _check(0 <= m.lora.dropout < 1, "model.lora.dropout", "must be in [0, 1)")
+    _check(len(m.lora.targets) > 0, "model.lora.targets", "name at least one projection")
+    for target in m.lora.targets:
+        _one_of(target, PROJECTIONS, "model.lora.targets")
+    _check(m.cross_attention.last_n_layers > 0, "model.cross_attention.last_n_layers", "> 0")
+    _check(m.cross_attention.inner_dim >= 0, "model.cross_attention.inner_dim", "must be >= 0")
+    _check(m.cross_attention.num_heads > 0, "model.cross_attention.num_heads", "must be > 0")
+    _check(m.summary.num_queries > 0, "model.summary.num_queries", "must be > 0")
+    _check(m.denoiser.depth > 0, "model.denoiser.depth", "must be > 0")
+    _check(m.diffusion.num_steps > 0, "model.diffusion.num_steps", "must be > 0")
+    _check(
+        0 < m.diffusion.beta_start < m.diffusion.beta_end < 1,
+        "model.diffusion.beta_start",
+        "need 0 < beta_start < beta_end < 1",
+    )
+    _one_of(m.diffusion.schedule, DIFFUSION_SCHEDULES, "model.diffusion.schedule")
+    _one_of(m.diffusion.loss_weight, LOSS_WEIGHTS, "model.diffusion.loss_weight")
+
+    d = c.data
+    _check(len(d.sources) > 0, "data.sources", "name at least one corpus")
+    for name, src in d.sources.items():
+        _one_of(src.format, FORMATS, f"data.sources.{name}.format")
+        _check(bool(src.path), f"data.sources.{name}.path", "is empty")
+        _check(0 < src.fraction <= 1, f"data.sources.{name}.fraction", "must be in (0, 1]")
+    _one_of(d.unit, ("dialogues", "pairs"), "data.unit")
+    _one_of(d.target_lang, TARGET_LANGS, "data.target_lang")
+    _check(d.max_length >= 16, "data.max_length", "must be >= 16")
+    _check(d.max_context > 0, "data.max_context", "must be > 0")
+    _one_of(d.on_error, ("raise", "skip"), "data.on_error")
