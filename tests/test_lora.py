@@ -12,7 +12,7 @@ from tiny_checkpoints import make_checkpoint
 from lisendiff_jax.backbone import load_backbone
 from lisendiff_jax.lora import LORA_TARGETS, LoRALinear, apply_lora, merge_lora
 
-IDS = jnp.asarray(np.random.RandomState(0).randint(0, 128, (2, 9)), jnp.int32)
+IDS = jnp.asarray(np.random.RandomState(0).randint(0, 128, (2, 10)), jnp.int32)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,261 @@
+"""Cross-attention: queries attend to a small set of vectors.
+
+Three layers, from the primitive up:
+- `masked_attention`: multi-head scaled dot-product attention over a padded key set (pure).
+- `MultiHeadCrossAttention`, `AttentionBlock`: the projections, and a pre-norm attention + MLP
+  block with residuals. The style summary and the denoiser are stacks of such blocks.
+- `CrossAttention` and `attach_cross_attention`: the module that lets the backbone's hidden
+  states attend to the latent set, placed after self-attention in the last N decoder layers.
+
+Attention scores and softmax are float32 whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lisendiff_jax.backbone.model import Decoder, RMSNorm
+
+# Finite, so that a row with every key masked gives uniform weights (then zeroed), not NaN.
+_MASKED = -1e30
+
+
+def masked_attention(
+    q: jax.Array,  # [batch, t, heads, head_dim]
+    k: jax.Array,  # [batch, l, heads, head_dim]
+    v: jax.Array,  # [batch, l, heads, head_dim]
+    mask: jax.Array | None,  # [batch, l] bool, True on real keys
+) -> jax.Array:
+    """Attention output [batch, t, heads, head_dim]; a query with no real key gets zeros."""
+    scores = jnp.einsum("bthd,blhd->bhtl", q, k, preferred_element_type=jnp.float32)
+    scores = scores * q.shape[-1] ** -0.5
+    if mask is None:
+        probs = jax.nn.softmax(scores, axis=-1)
+    else:
+        allowed = mask.astype(jnp.bool_)[:, None, None, :]  # [batch, 1, 1, l]
+        probs = jax.nn.softmax(jnp.where(allowed, scores, _MASKED), axis=-1)
+        # Zeroing (rather than only masking scores) is what makes an empty key set contribute
+        # nothing instead of the mean of its padding.
+        probs = jnp.where(allowed, probs, 0.0)
+    return jnp.einsum("bhtl,blhd->bthd", probs.astype(v.dtype), v)
+
+
+class MultiHeadCrossAttention(nnx.Module):
+    """Projections around `masked_attention`: queries [.., query_dim] read keys/values
+    [.., kv_dim] through `inner_dim` channels split into `num_heads` heads.
+
+    With `zero_init_output` the output projection starts at zero, so the module's first
+    output is exactly zero whatever its inputs.
+    """
+
+    def __init__(
+        self,
+        query_dim: int,
+        kv_dim: int,
+        inner_dim: int,
+        num_heads: int,
+        *,
+        zero_init_output: bool = False,
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if inner_dim % num_heads:
+            raise ValueError(
+                f"inner_dim ({inner_dim}) must be a multiple of num_heads ({num_heads})"
+            )
+        kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = nnx.Linear(query_dim, inner_dim, **kw)
+        self.k_proj = nnx.Linear(kv_dim, inner_dim, **kw)
+        self.v_proj = nnx.Linear(kv_dim, inner_dim, **kw)
+        out_init = nnx.initializers.zeros if zero_init_output else nnx.initializers.lecun_normal()
+        self.o_proj = nnx.Linear(inner_dim, query_dim, kernel_init=out_init, **kw)
+        self.num_heads = num_heads
+
+    def __call__(
+        self,
+        queries: jax.Array,  # [batch, t, query_dim]
+        keys_values: jax.Array,  # [batch, l, kv_dim]
+        mask: jax.Array | None = None,  # [batch, l] bool
+    ) -> jax.Array:  # [batch, t, query_dim]
+        b, t, _ = queries.shape
+        n_kv = keys_values.shape[1]
+        q = self.q_proj(queries).reshape(b, t, self.num_heads, -1)
+        k = self.k_proj(keys_values).reshape(b, n_kv, self.num_heads, -1)
+        v = self.v_proj(keys_values).reshape(b, n_kv, self.num_heads, -1)
+        return self.o_proj(masked_attention(q, k, v, mask).reshape(b, t, -1))
+
+
+class FeedForward(nnx.Module):
+    """in_dim -> hidden_dim -> out_dim with a GELU between."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        hidden_dim: int,
+        out_dim: int,
+        *,
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.fc_in = nnx.Linear(in_dim, hidden_dim, **kw)
+        self.fc_out = nnx.Linear(hidden_dim, out_dim, **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fc_out(jax.nn.gelu(self.fc_in(x)))
+
+
+class AttentionBlock(nnx.Module):
+    """Pre-norm block: h = q + Attn(LN(q), LN(kv)); h = h + MLP(LN(h)) (no MLP if mlp_dim is 0).
+
+    LayerNorm rather than RMSNorm: sentence embeddings are not centred, and centring the key
+    set keeps attention from being dominated by the shared mean direction.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        kv_dim: int,
+        num_heads: int,
+        *,
+        inner_dim: int | None = None,
+        mlp_dim: int = 0,
+        eps: float = 1e-6,
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.query_norm = nnx.LayerNorm(dim, epsilon=eps, **kw)
+        self.kv_norm = nnx.LayerNorm(kv_dim, epsilon=eps, **kw)
+        self.attn = MultiHeadCrossAttention(dim, kv_dim, inner_dim or dim, num_heads, **kw)
+        if mlp_dim:
+            self.mlp_norm = nnx.LayerNorm(dim, epsilon=eps, **kw)
+            self.mlp = FeedForward(dim, mlp_dim, dim, **kw)
+        else:
+            self.mlp_norm = self.mlp = None
+
+    def __call__(
+        self,
+        queries: jax.Array,  # [batch, t, dim]
+        keys_values: jax.Array,  # [batch, l, kv_dim]
+        mask: jax.Array | None = None,  # [batch, l] bool
+    ) -> jax.Array:  # [batch, t, dim]
+        h = queries + self.attn(self.query_norm(queries), self.kv_norm(keys_values), mask)
+        if self.mlp is not None:
+            h = h + self.mlp(self.mlp_norm(h))
+        return h
+
+
+class CrossAttention(nnx.Module):
+    """The backbone's latent reader: hidden states [batch, seq, hidden] attend to the latent set
+    [batch, L, latent_dim]; the decoder layer adds the result to its residual stream.
+
+    Queries come from RMS-normed hidden states (the backbone's own norm), keys/values from
+    layer-normed latents. The output projection is zero-initialised, so a freshly attached
+    module changes nothing: the model starts as the backbone exactly.
+
+    `inner_dim` (default hidden_size) sets the attention width, and with it the cost. Per layer
+    there are 2*hidden*inner + 2*latent_dim*inner projection weights. Llama-3.1-8B (hidden
+    4096, latent 768), 12 layers: inner 4096 -> 484M parameters, which with fp32 parameters,
+    gradients and two Adam moments (16 bytes each) is 7.7 GB on top of 15 GB of bf16 backbone;
+    inner 1024 -> 121M, 1.9 GB, which leaves room on a 24 GB card.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        latent_dim: int,
+        inner_dim: int | None = None,
+        num_heads: int = 8,
+        *,
+        norm_eps: float = 1e-6,
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.hidden_size, self.latent_dim = hidden_size, latent_dim
+        self.norm = RMSNorm(hidden_size, norm_eps, param_dtype=param_dtype)
+        self.latent_norm = nnx.LayerNorm(
+            latent_dim, epsilon=norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
+        self.attn = MultiHeadCrossAttention(
+            hidden_size,
+            latent_dim,
+            inner_dim or hidden_size,
+            num_heads,
+            zero_init_output=True,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+
+    def __call__(
+        self,
+        x: jax.Array,  # [batch, seq, hidden] in the backbone's compute dtype
+        latents: jax.Array,  # [batch, L, latent_dim] float32
+        latent_mask: jax.Array | None = None,  # [batch, L] bool, True on real latents
+    ) -> jax.Array:  # [batch, seq, hidden] in x's dtype
+        chex.assert_rank([x, latents], 3)
+        chex.assert_axis_dimension(x, 2, self.hidden_size)
+        chex.assert_axis_dimension(latents, 2, self.latent_dim)
+        chex.assert_equal_shape_prefix([x, latents], 1)
+        if latent_mask is not None:
+            chex.assert_shape(latent_mask, latents.shape[:2])
+        out = self.attn(self.norm(x), self.latent_norm(latents), latent_mask)
+        return out.astype(x.dtype)
+
+
+def attach_cross_attention(
+    model: Decoder,
+    last_n: int = 12,
+    latent_dim: int = 768,
+    inner_dim: int | None = None,
+    num_heads: int | None = None,
+    *,
+    param_dtype: jnp.dtype = jnp.float32,
+    rngs: nnx.Rngs,
+) -> Decoder:
+    """Sets `layer.cross_attn` on the last `last_n` decoder layers, in place; returns `model`.
+
+    Parameters land at `layers.{i}.cross_attn.{norm.scale, latent_norm.{scale,bias},
+    attn.{q,k,v,o}_proj.kernel}`. Computation is in the backbone's dtype. `num_heads` defaults
+    to inner_dim / the backbone's head_dim, so heads keep the backbone's width.
+    """
+    cfg = model.config
+    if not 1 <= last_n <= cfg.num_layers:
+        raise ValueError(
+            f"last_n={last_n} cross-attention layers requested, but the backbone has "
+            f"num_layers={cfg.num_layers}; last_n must be in [1, {cfg.num_layers}]"
+        )
+    inner_dim = inner_dim or cfg.hidden_size
+    if num_heads is None:
+        if inner_dim % cfg.head_dim:
+            raise ValueError(
+                f"inner_dim ({inner_dim}) is not a multiple of the backbone's head_dim "
+                f"({cfg.head_dim}); pass num_heads explicitly"
+            )
+        num_heads = inner_dim // cfg.head_dim
+    for i in range(cfg.num_layers - last_n, cfg.num_layers):
+        layer = model.layers[i]
+        if layer.cross_attn is not None:
+            raise ValueError(f"decoder layer {i} already has a cross-attention module")
+        # nnx.data: the slot starts as None, which NNX records as a static attribute.
+        layer.cross_attn = nnx.data(
+            CrossAttention(
+                cfg.hidden_size,
+                latent_dim,
+                inner_dim,
+                num_heads,
+                norm_eps=cfg.rms_norm_eps,
+                dtype=model.dtype,
+                param_dtype=param_dtype,
+                rngs=rngs,
+            )
+        )
+    return model

@@ -1,0 +1,120 @@
+"""Cross-attention to the latent set: exact start, masking, L = 1, cached decoding."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from tiny_checkpoints import make_checkpoint
+
+from lisendiff_jax.backbone import load_backbone
+from lisendiff_jax.cross_attention import CrossAttention, attach_cross_attention
+
+LATENT_DIM = 32
+IDS = jnp.asarray(np.random.RandomState(0).randint(0, 128, (2, 10)), jnp.int32)
+LATENTS = jax.random.normal(jax.random.key(0), (2, 3, LATENT_DIM))
+LATENT_MASK = jnp.array([[True, True, False], [True, False, False]])
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("qwen2_bias")
+    make_checkpoint("qwen2_bias", folder)
+    return folder
+
+
+def randomise_outputs(module: nnx.Module, seed: int = 0) -> None:
+    """Gives every zero-initialised output projection random weights."""
+    rng = np.random.RandomState(seed)
+    for path, var in nnx.to_flat_state(nnx.state(module)):
+        if path[-2:] == ("o_proj", "kernel") and "attn" in path[:-2]:
+            var.set_value(jnp.asarray(0.2 * rng.randn(*var.shape), var.dtype))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_step_zero_equals_backbone_exactly(folder, dtype):
+    model = load_backbone(folder, dtype=dtype)
+    reference = np.asarray(model(IDS))
+    attach_cross_attention(model, last_n=2, latent_dim=LATENT_DIM, rngs=nnx.Rngs(0))
+    assert model.layers[0].cross_attn is None
+    assert all(isinstance(model.layers[i].cross_attn, CrossAttention) for i in (1, 2))
+    out = np.asarray(model(IDS, latents=LATENTS, latent_mask=LATENT_MASK))
+    np.testing.assert_array_equal(out, reference)
+    params = nnx.to_flat_state(nnx.state(model.layers[2].cross_attn))
+    assert all(var.dtype == jnp.float32 for _, var in params)
+
+
+def test_latents_matter_and_padding_is_ignored(folder):
+    model = attach_cross_attention(
+        load_backbone(folder), last_n=2, latent_dim=LATENT_DIM, inner_dim=32, rngs=nnx.Rngs(0)
+    )
+    assert model.layers[2].cross_attn.attn.num_heads == 2  # inner 32 / head_dim 16
+    randomise_outputs(model)
+    base = np.asarray(model(IDS))
+    out = np.asarray(model(IDS, latents=LATENTS, latent_mask=LATENT_MASK))
+    assert not np.allclose(out, base, atol=1e-3)
+
+    padded_changed = LATENTS.at[0, 2].set(100.0).at[1, 1:].set(-7.0)
+    again = np.asarray(model(IDS, latents=padded_changed, latent_mask=LATENT_MASK))
+    np.testing.assert_allclose(again, out, rtol=0, atol=1e-6)
+    # Not a constant shift: the latent LayerNorm would remove it.
+    real_changed = LATENTS.at[0, 0].set(jax.random.normal(jax.random.key(9), (LATENT_DIM,)))
+    moved = np.asarray(model(IDS, latents=real_changed, latent_mask=LATENT_MASK))
+    assert not np.allclose(moved[0], out[0], atol=1e-4)
+    np.testing.assert_allclose(moved[1], out[1], rtol=0, atol=1e-6)
+
+
+def test_one_latent_gives_its_value_whatever_the_query():
+    module = CrossAttention(64, LATENT_DIM, 32, 4, rngs=nnx.Rngs(0))
+    randomise_outputs(module)
+    latent = jax.random.normal(jax.random.key(1), (2, 1, LATENT_DIM))
+    x1, x2 = jax.random.normal(jax.random.key(2), (2, 2, 5, 64))
+    out1, out2 = np.asarray(module(x1, latent)), np.asarray(module(x2, latent))
+    # Softmax over one key is 1: the output is the latent's value, broadcast over positions.
+    value = module.attn.o_proj(module.attn.v_proj(module.latent_norm(latent)))  # [2, 1, 64]
+    np.testing.assert_allclose(out1, np.broadcast_to(value, out1.shape), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out2, out1, rtol=1e-5, atol=1e-6)
+
+
+def test_all_masked_row_gives_zero_without_nan():
+    module = CrossAttention(64, LATENT_DIM, 32, 4, rngs=nnx.Rngs(0))
+    randomise_outputs(module)
+    x = jax.random.normal(jax.random.key(1), (2, 5, 64))
+    mask = jnp.array([[True, True, False], [False, False, False]])
+    out = np.asarray(module(x, LATENTS, mask))
+    assert np.all(out[1] == 0) and np.any(out[0] != 0)
+
+    def loss(m):
+        return jnp.sum(m(x, LATENTS, mask) ** 2)
+
+    grads = nnx.grad(loss)(module)
+    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+
+
+def test_cached_decoding_matches_full_forward(folder):
+    model = attach_cross_attention(
+        load_backbone(folder), last_n=3, latent_dim=LATENT_DIM, rngs=nnx.Rngs(0)
+    )
+    randomise_outputs(model)
+    latent_kw = dict(latents=LATENTS, latent_mask=LATENT_MASK)
+    full = np.asarray(model(IDS, **latent_kw))
+    cache = model.init_cache(2, IDS.shape[1])
+    prefill, cache = model.forward(IDS[:, :8], cache=cache, **latent_kw)
+    steps = [prefill]
+    for i in range(8, IDS.shape[1]):
+        logits, cache = model.forward(IDS[:, i : i + 1], cache=cache, **latent_kw)
+        steps.append(logits)
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_attach_errors(folder):
+    model = load_backbone(folder)
+    with pytest.raises(ValueError, match="last_n=4.*num_layers=3"):
+        attach_cross_attention(model, last_n=4, latent_dim=LATENT_DIM, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="head_dim"):
+        attach_cross_attention(model, 1, LATENT_DIM, inner_dim=24, rngs=nnx.Rngs(0))
+    attach_cross_attention(model, last_n=1, latent_dim=LATENT_DIM, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="layer 2 already has"):
+        attach_cross_attention(model, last_n=1, latent_dim=LATENT_DIM, rngs=nnx.Rngs(0))
