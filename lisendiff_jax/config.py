@@ -60,7 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.cross_attention = ml_collections.ConfigDict(
         dict(last_n_layers=12, inner_dim=0, num_heads=8)  # inner_dim 0 = the hidden size
     )
-    m.summary = ml_collections.ConfigDict(dict(num_queries=1, num_heads=8, depth=1))
+    m.summary = ml_collections.ConfigDict(dict(num_queries=1, num_heads=8, depth=1, mlp_ratio=4))
     m.denoiser = ml_collections.ConfigDict(dict(depth=1, num_heads=8, mlp_ratio=4))
     m.diffusion = ml_collections.ConfigDict(
         dict(

@@ -16,6 +16,13 @@ from flax import nnx, struct
 from lisendiff_jax.backbone.config import BackboneConfig
 from lisendiff_jax.backbone.rope import apply_rotary, inverse_frequencies, rotary_tables
 
+# Rematerialisation policies for training: what each decoder layer keeps for the backward pass.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
 # Finite, so that a padded query row (no allowed key) gives uniform weights rather than NaN.
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -142,6 +149,10 @@ class DecoderLayer(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), kv
 
 
+def _call_layer(layer: DecoderLayer, *args):
+    return layer(*args)
+
+
 class Decoder(nnx.Module):
     """A causal language model: `model(input_ids)` gives float32 logits [batch, seq, vocab]."""
 
@@ -155,6 +166,8 @@ class Decoder(nnx.Module):
     ):
         self.config = config
         self.dtype = dtype
+        # Set by training (see REMAT_POLICIES); inference never rematerialises.
+        self.remat = "none"
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, **kw)
         self.layers = nnx.List([DecoderLayer(config, **kw) for _ in range(config.num_layers)])
@@ -241,10 +254,13 @@ class Decoder(nnx.Module):
         allowed = (key_slots[None, :] <= query_slots[:, None])[None] & key_mask[:, None, :]
 
         x = self.embed_tokens(input_ids)
+        call_layer = _call_layer
+        if self.remat != "none" and cache is None:
+            call_layer = nnx.remat(_call_layer, policy=REMAT_POLICIES[self.remat])
         new_keys, new_values = [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.keys[i], cache.values[i])
-            x, kv = layer(x, cos, sin, allowed, kv, end, latents, latent_mask)
+            x, kv = call_layer(layer, x, cos, sin, allowed, kv, end, latents, latent_mask)
             if kv is not None:
                 new_keys.append(kv[0])
                 new_values.append(kv[1])

@@ -1,0 +1,207 @@
+"""LisenDiff: the backbone with LoRA and cross-attention, the style summary and the denoisers.
+
+Which parameters train is decided here, in one filter (`trainable_filter`): the LoRA
+adapters, every LisenDiff module, and the LM head when configured. Everything else is the
+frozen backbone. A latent travels one way: the encoder cache gives y0; training feeds y0 to
+the cross-attention (L_LM) and its standardised form to the diffusion loss (L_diff).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from lisendiff_jax.backbone.model import Decoder
+from lisendiff_jax.cross_attention import attach_cross_attention
+from lisendiff_jax.data.example import STYLES
+from lisendiff_jax.denoiser import DenoiserConfig, StyleDenoisers
+from lisendiff_jax.diffusion import (
+    LatentStats,
+    Schedule,
+    make_schedule,
+    q_sample,
+    standardise,
+    x0_loss,
+)
+from lisendiff_jax.lora import apply_lora
+from lisendiff_jax.summary import StyleSummary
+from lisendiff_jax.train_step import token_nll
+
+# Modules whose every parameter trains; LoRA adapters are picked by type.
+TRAINABLE_MODULES = ("cross_attn", "summary", "denoisers")
+
+
+class LatentStat(nnx.Variable):
+    """Latent standardisation statistics: model state that is saved but never trained."""
+
+
+class ModelSettingsError(ValueError):
+    """Settings the chosen backbone cannot take; the message names the option."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionSettings:
+    num_steps: int = 50
+    beta_start: float = 0.001
+    beta_end: float = 0.02
+    schedule: str = "linear"
+    loss_weight: str = "uniform"
+
+    def make(self) -> Schedule:
+        return make_schedule(self.schedule, self.num_steps, self.beta_start, self.beta_end)
+
+
+class LisenDiff(nnx.Module):
+    """`backbone` is adapted in place: LoRA on the configured projections and, unless
+    `cfg.lisendiff` is False (the LoRA-only baseline), cross-attention in its last layers."""
+
+    def __init__(
+        self,
+        backbone: Decoder,
+        cfg: ml_collections.ConfigDict,  # the experiment's `model` section
+        latent_dim: int,
+        *,
+        rngs: nnx.Rngs,
+    ):
+        check_settings(backbone, cfg)
+        trainable_dtype = jnp.dtype(cfg.trainable_dtype)
+        self.lisendiff = bool(cfg.lisendiff)
+        self.latent_dim = latent_dim
+        self.train_lm_head = bool(cfg.train_lm_head)
+        self.backbone = apply_lora(
+            backbone,
+            tuple(cfg.lora.targets),
+            cfg.lora.rank,
+            cfg.lora.alpha,
+            cfg.lora.dropout,
+            param_dtype=trainable_dtype,
+            rngs=rngs,
+        )
+        self.diffusion = DiffusionSettings(**cfg.diffusion.to_dict())
+        self.latent_mean = LatentStat(jnp.zeros((latent_dim,), jnp.float32))
+        self.latent_scale = LatentStat(jnp.ones((), jnp.float32))
+        if not self.lisendiff:
+            self.summary = self.denoisers = None
+            return
+        ca = cfg.cross_attention
+        attach_cross_attention(
+            self.backbone,
+            ca.last_n_layers,
+            latent_dim,
+            ca.inner_dim or None,
+            ca.num_heads,
+            param_dtype=trainable_dtype,
+            rngs=rngs,
+        )
+        self.summary = StyleSummary(
+            len(STYLES),
+            cfg.summary.num_queries,
+            latent_dim,
+            num_heads=cfg.summary.num_heads,
+            depth=cfg.summary.depth,
+            mlp_ratio=cfg.summary.mlp_ratio,
+            param_dtype=trainable_dtype,
+            rngs=rngs,
+        )
+        self.denoisers = StyleDenoisers(
+            len(STYLES),
+            DenoiserConfig(
+                d_enc=latent_dim,
+                num_heads=cfg.denoiser.num_heads,
+                depth=cfg.denoiser.depth,
+                mlp_ratio=cfg.denoiser.mlp_ratio,
+            ),
+            param_dtype=trainable_dtype,
+            rngs=rngs,
+        )
+
+    @property
+    def latent_stats(self) -> LatentStats:
+        return LatentStats(mean=self.latent_mean[...], scale=self.latent_scale[...])
+
+    def set_latent_stats(self, stats: LatentStats) -> None:
+        self.latent_mean.set_value(jnp.asarray(stats.mean, jnp.float32))
+        self.latent_scale.set_value(jnp.asarray(stats.scale, jnp.float32))
+
+    def trainable_filter(self) -> nnx.filterlib.Filter:
+        """Selects the trainable parameters of this model (see the module docstring)."""
+        train_head = self.train_lm_head
+
+        def is_trainable(path: tuple, variable: object) -> bool:
+            if isinstance(variable, nnx.LoRAParam):
+                return True
+            if not isinstance(variable, nnx.Param):
+                return False
+            if any(part in TRAINABLE_MODULES for part in path):
+                return True
+            return train_head and path[:2] == ("backbone", "lm_head")
+
+        return is_trainable
+
+    def losses(
+        self, batch: dict[str, jax.Array], rng: jax.Array, lm_chunk: int = 512
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """L = L_LM + L_diff for one batch (L_diff is 0 for the LoRA-only baseline).
+
+        `batch` holds input_ids, attention_mask, loss_mask [B, T]; row_mask, style_id [B];
+        response_latent [B, L, d]; context_embeddings [B, n_ctx, d], context_mask [B, n_ctx].
+        """
+        ids = batch["input_ids"]
+        chex.assert_rank(ids, 2)
+        latents = batch["response_latent"].astype(jnp.float32)  # [B, L, d]
+        chex.assert_shape(latents, (ids.shape[0], None, self.latent_dim))
+        hidden, _ = self.backbone.hidden_states(
+            ids, batch["attention_mask"], latents=latents if self.lisendiff else None
+        )
+        # Position i predicts token i + 1; loss_mask marks the response tokens themselves.
+        weights = batch["loss_mask"][:, 1:].astype(jnp.float32)
+        nll = token_nll(self.backbone.logits, hidden[:, :-1], ids[:, 1:], weights, lm_chunk)
+        lm_loss = nll / jnp.maximum(weights.sum(), 1.0)
+        if not self.lisendiff:
+            return lm_loss, {"lm_loss": lm_loss, "diff_loss": jnp.zeros(())}
+
+        schedule = self.diffusion.make()
+        t_key, noise_key = jax.random.split(rng)
+        y0 = standardise(self.latent_stats, latents)
+        t = jax.random.randint(t_key, (ids.shape[0],), 0, schedule.num_steps)
+        y_t = q_sample(schedule, y0, t, jax.random.normal(noise_key, y0.shape))
+        style = batch["style_id"]
+        x = self.summary(batch["context_embeddings"], batch["context_mask"], style)
+        y0_pred = self.denoisers(y_t, t, x, style)
+        diff_loss = x0_loss(
+            schedule,
+            y0_pred,
+            y0,
+            t,
+            weighting=self.diffusion.loss_weight,
+            mask=batch["row_mask"].astype(bool),
+        )
+        return lm_loss + diff_loss, {"lm_loss": lm_loss, "diff_loss": diff_loss}
+
+
+def check_settings(backbone: Decoder, cfg: ml_collections.ConfigDict) -> None:
+    """Errors naming the option, before any parameter is allocated."""
+    bc = backbone.config
+    if cfg.train_lm_head and bc.tie_word_embeddings:
+        raise ModelSettingsError(
+            "--config.model.train_lm_head: this backbone ties its LM head to the input "
+            "embeddings; training it would train the embeddings too (set it to False)"
+        )
+    if cfg.lisendiff:
+        n = cfg.cross_attention.last_n_layers
+        if n > bc.num_layers:
+            raise ModelSettingsError(
+                f"--config.model.cross_attention.last_n_layers: {n} exceeds the backbone's "
+                f"{bc.num_layers} layers"
+            )
+        inner = cfg.cross_attention.inner_dim or bc.hidden_size
+        if inner % cfg.cross_attention.num_heads:
+            raise ModelSettingsError(
+                f"--config.model.cross_attention.inner_dim: {inner} is not a multiple of "
+                f"num_heads={cfg.cross_attention.num_heads}"
+            )

@@ -1,0 +1,289 @@
+"""The training run: data, model and optimizer set up once, then the step loop.
+
+Workdir layout:
+    config.json       the run's full config (a resume must keep the `model` and `data` parts)
+    metrics.jsonl     one line per logged step
+    data/train/       the example split's cached embeddings (see encoder_cache)
+    <step>/           orbax checkpoints: trainable parameters, optimizer state, latent
+                      statistics and RNG key; meta with the data position
+Everything a step needs is derived from (seed, step), so a run resumed from a checkpoint
+continues exactly as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+from tqdm.auto import tqdm
+
+from lisendiff_jax.backbone import BackboneConfig, load_backbone
+from lisendiff_jax.backbone.loading import resolve_checkpoint
+from lisendiff_jax.checkpoint import Checkpointer
+from lisendiff_jax.config import TINY_BACKBONE, ConfigError, validate
+from lisendiff_jax.data import Example, build_mix, summary_table
+from lisendiff_jax.data.batching import DataPosition, iterate_batches, length_buckets
+from lisendiff_jax.data.formatting import encode_examples, system_prompt
+from lisendiff_jax.diffusion import fit_latent_stats
+from lisendiff_jax.encoder import make_encoder
+from lisendiff_jax.encoder_cache import prepare_split
+from lisendiff_jax.model import LatentStat, LisenDiff
+from lisendiff_jax.tiny import default_cache_root, tiny_backbone_path
+from lisendiff_jax.train_step import make_optimizer, make_train_step
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, incompatible workdir); nothing good is lost."""
+
+
+def backbone_folder(name: str) -> Path:
+    """The checkpoint folder for `model.backbone` ("tiny" is built offline on first use)."""
+    return tiny_backbone_path() if name == TINY_BACKBONE else resolve_checkpoint(name)
+
+
+def _check_workdir_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
+    """A resumed run must train the same model on the same data; step counts may change."""
+    path = workdir / "config.json"
+    if not path.exists():
+        return
+    saved = json.loads(path.read_text())
+    current = json.loads(config.to_json())
+    for section in ("model", "data"):
+        if saved.get(section) != current[section]:
+            diff = _first_difference(saved.get(section), current[section], section)
+            raise ConfigError(
+                f"{path}: this workdir was trained with a different {diff}; "
+                "use a new --workdir or the original settings"
+            )
+
+
+def _first_difference(a: Any, b: Any, where: str) -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                return _first_difference(a.get(key), b.get(key), f"{where}.{key}")
+    return f"--config.{where} ({a!r} there, {b!r} now)"
+
+
+class Trainer:
+    """Builds everything for `config` in `workdir`, restoring the latest checkpoint if any."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path, progress=True):
+        validate(config)
+        self.config, self.progress = config, progress
+        self.workdir = Path(workdir).resolve()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        _check_workdir_config(self.workdir, config)
+        m, d = config.model, config.data
+
+        # Cheap checks first: the backbone's config and tokenizer, then the data.
+        folder = backbone_folder(m.backbone)
+        BackboneConfig.from_pretrained(folder)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        if not tokenizer.chat_template:
+            raise ConfigError(f"--config.model.backbone: {folder} has no chat template")
+        mix = build_mix(
+            [
+                dict(src, name=name, split=src.split or None, on_error=d.on_error)
+                for name, src in d.sources.items()
+            ],
+            config.seed,
+            d.unit,
+        )
+        print(summary_table(mix))
+        self.examples: list[Example] = mix.examples
+        self.encoded = encode_examples(
+            tokenizer, self.examples, system_prompt(d.target_lang), d.max_length, progress
+        )
+        encoder = make_encoder(d.encoder)
+        cache_dir = d.cache_dir or default_cache_root() / "embeddings"
+        self.split = prepare_split(
+            self.examples,
+            encoder,
+            cache_dir,
+            self.workdir / "data" / "train",
+            d.max_context,
+            d.encoder_batch_size,
+            progress,
+        )
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.buckets = length_buckets(d.max_length)
+
+        backbone = load_backbone(folder, dtype=m.param_dtype, compute_dtype=m.compute_dtype)
+        backbone.remat = m.remat
+        seed = config.seed
+        model = LisenDiff(backbone, m, encoder.dim, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+        model.set_latent_stats(fit_latent_stats(self.split.response_latents))
+        model.train()
+        self.graphdef, self.trainable, self.stats, self.rng_state, self.frozen = nnx.split(
+            model, model.trainable_filter(), LatentStat, nnx.RngState, ...
+        )
+        self.total_steps = config.num_steps or math.ceil(len(self.examples) / config.batch_size)
+        self.tx = make_optimizer(config, max(self.total_steps // config.grad_accum_steps, 1))
+        self.opt_state = self.tx.init(self.trainable)
+        self.base_key = jax.random.key(seed)
+        self.step = 0
+        self.position = DataPosition()
+        self.stop_requested = False
+        self.checkpointer = Checkpointer(self.workdir, keep=config.keep_checkpoints)
+        if self.checkpointer.latest_step() is not None:
+            self._restore()
+        (self.workdir / "config.json").write_text(config.to_json(indent=1))
+        self._step_fn = make_train_step(self.tx, functools.partial(_loss, self.graphdef))
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def _checkpoint_state(self) -> dict:
+        return {
+            "trainable": self.trainable,
+            "opt_state": self.opt_state,
+            "latent_stats": self.stats,
+            "rng": jax.random.key_data(self.base_key),
+        }
+
+    def _restore(self) -> None:
+        state, meta = self.checkpointer.restore(self._checkpoint_state())
+        self.trainable, self.opt_state = state["trainable"], state["opt_state"]
+        self.stats = state["latent_stats"]
+        self.base_key = jax.random.wrap_key_data(state["rng"])
+        self.step = int(meta["step"])
+        self.position = DataPosition.from_dict(meta["data"])
+        print(f"resumed from {self.workdir / str(self.step)} (step {self.step})")
+
+    def save(self) -> Path:
+        meta = {
+            "step": self.step,
+            "data": self.position.to_dict(),
+            "backbone": self.config.model.backbone,
+            "num_examples": len(self.examples),
+        }
+        path = self.checkpointer.save(self.step, self._checkpoint_state(), meta)
+        self.checkpointer.wait()
+        return path
+
+    def close(self) -> None:
+        self.checkpointer.close()
+
+    # -- the loop ------------------------------------------------------------------------
+    def batches(self):
+        stream = iterate_batches(
+            self.encoded,
+            self.config.batch_size,
+            self.buckets,
+            self.pad_id,
+            self.config.seed,
+            start=self.position,
+        )
+        for tokens, position in stream:
+            batch = dict(tokens, **self.split.take(tokens["example_index"]))
+            batch.pop("example_index")
+            n_tokens = int(tokens["attention_mask"].sum())
+            yield {k: jnp.asarray(v) for k, v in batch.items()}, position, n_tokens
+
+    def run(self, until: int | None = None) -> int:
+        """Trains up to step `until` (default: the configured total), checkpointing every
+        `checkpoint_every` steps. Returns the step reached. A non-finite loss raises
+        TrainingError before anything is saved, so the last checkpoint stays the last good one.
+        """
+        until = self.total_steps if until is None else until
+        c = self.config
+        metrics_file = open(self.workdir / "metrics.jsonl", "a")  # noqa: SIM115
+        bar = tqdm(total=until, initial=self.step, desc="training", disable=not self.progress)
+        all_finite = jnp.ones((), bool)
+        tokens, started = 0, time.perf_counter()
+        try:
+            for batch, position, n_tokens in self.batches():
+                if self.step >= until or self.stop_requested:
+                    break
+                rng = jax.random.fold_in(self.base_key, self.step)
+                self.trainable, self.opt_state, metrics = self._step_fn(
+                    self.trainable,
+                    (self.stats, self.rng_state, self.frozen),
+                    self.opt_state,
+                    batch,
+                    rng,
+                )
+                all_finite = all_finite & jnp.isfinite(metrics["loss"])
+                self.step += 1
+                self.position = position
+                tokens += n_tokens
+                bar.update(1)
+                due_log = self.step % c.log_every == 0 or self.step == until
+                due_save = self.step % c.checkpoint_every == 0
+                if due_log or due_save:
+                    if not bool(all_finite):
+                        raise TrainingError(
+                            f"non-finite loss before step {self.step}; stopped without saving "
+                            f"(last good checkpoint: {self.checkpointer.latest_step()}). "
+                            "Lower --config.learning_rate or check the data."
+                        )
+                if due_log:
+                    elapsed = time.perf_counter() - started
+                    record = {k: float(v) for k, v in metrics.items()}
+                    record.update(step=self.step, tokens_per_s=tokens / max(elapsed, 1e-9))
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                    bar.set_postfix(
+                        loss=f"{record['loss']:.3f}",
+                        lm=f"{record['lm_loss']:.3f}",
+                        diff=f"{record['diff_loss']:.3f}",
+                        tok_s=f"{record['tokens_per_s']:.0f}",
+                    )
+                    tokens, started = 0, time.perf_counter()
+                if due_save:
+                    self.save()
+        finally:
+            bar.close()
+            metrics_file.close()
+        return self.step
+
+
+def _loss(graphdef, trainable, frozen, batch, rng):
+    stats, rng_state, rest = frozen
+    dropout_key, diffusion_key = jax.random.split(rng)
+    # Fresh dropout streams from this step's key (one per stream), built as new values rather
+    # than by reseeding in place, which NNX forbids inside the gradient's trace.
+    leaves, treedef = jax.tree.flatten(rng_state)
+    fresh = [
+        jax.random.fold_in(dropout_key, i)
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+        else jnp.zeros_like(leaf)
+        for i, leaf in enumerate(leaves)
+    ]
+    model = nnx.merge(graphdef, trainable, stats, jax.tree.unflatten(treedef, fresh), rest)
+    return model.losses(batch, diffusion_key)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | Path, progress: bool = True) -> Path:
+    """Trains to the configured step count and returns the final checkpoint's folder.
+
+    Ctrl-C finishes the step under way, saves a checkpoint and raises KeyboardInterrupt; a
+    second Ctrl-C stops at once.
+    """
+    trainer = Trainer(config, workdir, progress)
+
+    def request_stop(signum, frame):
+        trainer.stop_requested = True
+        signal.signal(signal.SIGINT, previous)
+
+    previous = signal.signal(signal.SIGINT, request_stop)
+    try:
+        trainer.run()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    path = trainer.save()
+    trainer.close()
+    if trainer.stop_requested:
+        print(f"\ninterrupted at step {trainer.step}: saved {path}; run the same command to resume")
+        raise KeyboardInterrupt
+    return path

@@ -1,0 +1,61 @@
+"""Train LisenDiff (or its LoRA-only baseline) from a config file.
+
+    python train.py                                   # the embedded default, configs/tiny.py
+    python train.py --config configs/llama_ja.py --workdir runs/llama_ja \
+        --config.data.sources.j_daily_dialog.path=/data/jdd ...
+
+Running it again on the same workdir resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from lisendiff_jax.backbone import BackboneConfigError, CheckpointError
+from lisendiff_jax.checkpoint import CorruptCheckpointError
+from lisendiff_jax.config import ConfigError
+from lisendiff_jax.data import DataError
+from lisendiff_jax.model import ModelSettingsError
+from lisendiff_jax.training import TrainingError, train
+
+# Errors about the user's input or run: one line, no traceback.
+USER_ERRORS = (
+    BackboneConfigError,
+    CheckpointError,
+    ConfigError,
+    CorruptCheckpointError,
+    DataError,
+    ModelSettingsError,
+    TrainingError,
+)
+
+HERE = Path(__file__).resolve().parent
+config_flags.DEFINE_config_file(
+    "config", str(HERE / "configs" / "tiny.py"), "Experiment config file.", lock_config=True
+)
+flags.DEFINE_string("workdir", None, "Run folder (default: workdirs/<config name>).")
+FLAGS = flags.FLAGS
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+    config = FLAGS.config
+    workdir = Path(FLAGS.workdir or HERE / "workdirs" / config.name)
+    try:
+        path = train(config, workdir)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except USER_ERRORS as err:
+        sys.exit(f"error: {err}")
+    print(f"\ncheckpoint: {path}")
+    print(f"next: python sample.py --workdir {workdir} --context 'I failed my exam today.'")
+
+
+if __name__ == "__main__":
+    app.run(main)
