@@ -162,9 +162,9 @@ class CrossAttention(nnx.Module):
 
     `inner_dim` (default hidden_size) sets the attention width, and with it the cost. Per layer
     there are 2*hidden*inner + 2*latent_dim*inner projection weights. Llama-3.1-8B (hidden
-    4096, latent 768), 12 layers: inner 4096 -> 484M parameters, which with fp32 parameters,
-    gradients and two Adam moments (16 bytes each) is 7.7 GB on top of 15 GB of bf16 backbone;
-    inner 1024 -> 121M, 1.9 GB, which leaves room on a 24 GB card.
+    4096, latent 768), 12 layers: inner 4096 -> 478M parameters; with fp32 parameters,
+    gradients and two Adam moments (16 bytes per parameter) that is 7.1 GiB on top of the
+    15 GiB bf16 backbone, too much for 24 GB. Inner 1024 -> 120M parameters, 1.8 GiB.
     """
 
     def __init__(
