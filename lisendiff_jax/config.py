@@ -8,6 +8,10 @@ heavy work starts.
 
 from __future__ import annotations
 
+import importlib.util
+import os
+from pathlib import Path
+
 import ml_collections
 
 from lisendiff_jax.data.readers import FORMATS
@@ -85,6 +89,19 @@ def base_config() -> ml_collections.ConfigDict:
     d.cache_dir = ""  # "" = ~/.cache/lisendiff_jax/embeddings
     d.on_error = "raise"  # or "skip": bad rows are counted and reported
     return c
+
+
+def load_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
+    """Runs a config file's `get_config()`, as `train.py --config PATH` does."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    spec = importlib.util.spec_from_file_location(f"lisendiff_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path}: defines no get_config()")
+    return module.get_config()
 
 
 def source(format: str, path: str, fraction: float, split: str = "") -> ml_collections.ConfigDict:

@@ -161,6 +161,9 @@ class Trainer:
         print(f"resumed from {self.workdir / str(self.step)} (step {self.step})")
 
     def save(self) -> Path:
+        """Checkpoints the current step (a no-op when that step is saved already)."""
+        if self.checkpointer.latest_step() == self.step:
+            return self.workdir / str(self.step)
         meta = {
             "step": self.step,
             "data": self.position.to_dict(),

@@ -2,7 +2,15 @@
 
 import os
 
+import pytest
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """The tiny backbone and embedding caches go to a per-session folder, not ~/.cache."""
+    os.environ["LISENDIFF_CACHE"] = str(tmp_path_factory.mktemp("lisendiff_cache"))
