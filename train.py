@@ -17,7 +17,7 @@ from ml_collections import config_flags
 
 from lisendiff_jax.backbone import BackboneConfigError, CheckpointError
 from lisendiff_jax.checkpoint import CorruptCheckpointError
-from lisendiff_jax.config import ConfigError
+from lisendiff_jax.config import ConfigError, check_key, load_config
 from lisendiff_jax.data import DataError
 from lisendiff_jax.model import ModelSettingsError
 from lisendiff_jax.training import TrainingError, train
@@ -34,11 +34,22 @@ USER_ERRORS = (
 )
 
 HERE = Path(__file__).resolve().parent
-config_flags.DEFINE_config_file(
-    "config", str(HERE / "configs" / "tiny.py"), "Experiment config file.", lock_config=True
-)
-flags.DEFINE_string("workdir", None, "Run folder (default: workdirs/<config name>).")
 FLAGS = flags.FLAGS
+
+
+def check_command_line(args: list[str]) -> None:
+    """Checks the config file and every --config.key before absl parses them, whose own
+    errors for these cases are tracebacks."""
+    path = HERE / "configs" / "tiny.py"
+    for i, arg in enumerate(args):
+        if arg == "--config" and i + 1 < len(args):
+            path = Path(args[i + 1])
+        elif arg.startswith("--config="):
+            path = Path(arg.split("=", 1)[1])
+    config = load_config(path)
+    for arg in args:
+        if arg.startswith("--config."):
+            check_key(config, arg[len("--config.") :].split("=", 1)[0])
 
 
 def main(argv: list[str]) -> None:
@@ -58,4 +69,12 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    try:
+        check_command_line(sys.argv[1:])
+    except ConfigError as err:
+        sys.exit(f"error: {err}")
+    config_flags.DEFINE_config_file(
+        "config", str(HERE / "configs" / "tiny.py"), "Experiment config file.", lock_config=True
+    )
+    flags.DEFINE_string("workdir", None, "Run folder (default: workdirs/<config name>).")
     app.run(main)

@@ -245,17 +245,14 @@ def attach_cross_attention(
         layer = model.layers[i]
         if layer.cross_attn is not None:
             raise ValueError(f"decoder layer {i} already has a cross-attention module")
-        # nnx.data: the slot starts as None, which NNX records as a static attribute.
-        layer.cross_attn = nnx.data(
-            CrossAttention(
-                cfg.hidden_size,
-                latent_dim,
-                inner_dim,
-                num_heads,
-                norm_eps=cfg.rms_norm_eps,
-                dtype=model.dtype,
-                param_dtype=param_dtype,
-                rngs=rngs,
-            )
+        layer.cross_attn = CrossAttention(
+            cfg.hidden_size,
+            latent_dim,
+            inner_dim,
+            num_heads,
+            norm_eps=cfg.rms_norm_eps,
+            dtype=model.dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
         )
     return model

@@ -144,7 +144,7 @@ class LisenDiff(nnx.Module):
         return is_trainable
 
     def losses(
-        self, batch: dict[str, jax.Array], rng: jax.Array, lm_chunk: int = 512
+        self, batch: dict[str, jax.Array], rng: jax.Array
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """L = L_LM + L_diff for one batch (L_diff is 0 for the LoRA-only baseline).
 
@@ -160,7 +160,8 @@ class LisenDiff(nnx.Module):
         )
         # Position i predicts token i + 1; loss_mask marks the response tokens themselves.
         weights = batch["loss_mask"][:, 1:].astype(jnp.float32)
-        nll = token_nll(self.backbone.logits, hidden[:, :-1], ids[:, 1:], weights, lm_chunk)
+        vocab = self.backbone.config.vocab_size
+        nll = token_nll(self.backbone.logits, hidden[:, :-1], ids[:, 1:], weights, vocab)
         lm_loss = nll / jnp.maximum(weights.sum(), 1.0)
         if not self.lisendiff:
             return lm_loss, {"lm_loss": lm_loss, "diff_loss": jnp.zeros(())}

@@ -60,16 +60,27 @@ def token_nll(
     hidden: jax.Array,  # [batch, seq, hidden]
     targets: jax.Array,  # [batch, seq] int32, the token each position predicts
     weights: jax.Array,  # [batch, seq] float32, 0 where no loss
-    chunk: int,
+    vocab_size: int,
+    max_logits_bytes: int = 2**28,
 ) -> jax.Array:
-    """Summed negative log-likelihood, computing float32 logits `chunk` positions at a time.
+    """Summed negative log-likelihood over the weighted positions.
 
-    Each chunk's logits are recomputed in the backward pass rather than stored, so a 128k
-    vocabulary never holds a full [batch, seq, vocab] float32 array.
+    When the float32 logits [batch, seq, vocab] would exceed `max_logits_bytes`, they are
+    computed a chunk of positions at a time and recomputed in the backward pass rather than
+    stored, so a 128k vocabulary with long sequences never holds them all at once.
     """
-    b, t, h = hidden.shape
+    b, t, _ = hidden.shape
     chex.assert_shape([targets, weights], (b, t))
-    chunk = min(chunk, t)
+
+    def nll(h, y, w):
+        logits = logits_fn(h).astype(jnp.float32)  # [b, chunk, vocab]
+        logz = jax.nn.logsumexp(logits, axis=-1)
+        picked = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
+        return jnp.sum((logz - picked) * w)
+
+    chunk = max(1, max_logits_bytes // (b * vocab_size * 4))
+    if chunk >= t:
+        return nll(hidden, targets, weights)
     pad = -t % chunk
     if pad:
         hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
@@ -80,15 +91,8 @@ def token_nll(
     def split(x):  # [b, n * chunk, ...] -> [n, b, chunk, ...]
         return jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)
 
-    @jax.checkpoint
-    def chunk_nll(h_c, y_c, w_c):
-        logits = logits_fn(h_c).astype(jnp.float32)  # [b, chunk, vocab]
-        logz = jax.nn.logsumexp(logits, axis=-1)
-        picked = jnp.take_along_axis(logits, y_c[..., None], axis=-1)[..., 0]
-        return jnp.sum((logz - picked) * w_c)
-
     def body(total, xs):
-        return total + chunk_nll(*xs), None
+        return total + jax.checkpoint(nll)(*xs), None
 
     total, _ = jax.lax.scan(
         body, jnp.zeros((), jnp.float32), (split(hidden), split(targets), split(weights))

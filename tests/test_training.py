@@ -152,9 +152,25 @@ def test_chunked_nll_equals_full_cross_entropy():
     full = -jnp.sum(
         jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0] * weights
     )
-    for chunk in (1, 4, 11, 64):
-        chunked = token_nll(lambda h: h @ head, hidden, targets, weights, chunk)
+    # Budgets of 1, 4, 10 and all 11 positions' logits per chunk (2 rows x 30 x 4 bytes each).
+    for positions in (1, 4, 10, 11):
+        budget = positions * 2 * 30 * 4
+        chunked = token_nll(lambda h: h @ head, hidden, targets, weights, 30, budget)
         np.testing.assert_allclose(float(chunked), float(full), rtol=1e-5)
+        grad = jax.grad(
+            lambda h, b=budget: token_nll(lambda x: x @ head, h, targets, weights, 30, b)
+        )
+        full_grad = jax.grad(
+            lambda h: (
+                -jnp.sum(
+                    jnp.take_along_axis(jax.nn.log_softmax(h @ head), targets[..., None], -1)[
+                        ..., 0
+                    ]
+                    * weights
+                )
+            )
+        )
+        np.testing.assert_allclose(grad(hidden), full_grad(hidden), rtol=1e-4, atol=1e-6)
 
 
 # -- the whole loop on the tiny default backbone and a few bundled-style dialogues ----------

@@ -135,7 +135,8 @@ class DecoderLayer(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.self_attn = Attention(cfg, **kw)
-        self.cross_attn: nnx.Module | None = None
+        # nnx.data: a slot that is None now but may hold a module (with parameters) later.
+        self.cross_attn: nnx.Module | None = nnx.data(None)
         self.post_attention_layernorm = RMSNorm(
             cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype
         )

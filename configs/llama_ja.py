@@ -1,0 +1,14 @@
+"""LisenDiff+L2 on Llama-3.1-8B-Instruct (the paper's setting).
+
+L2 = Japanese: J-DailyDialog 10%, J-EmpatheticDialogues 20%.
+Point each source at the original corpus:
+    python train.py --config configs/llama_ja.py --workdir runs/llama_ja \\
+        --config.data.sources.j_daily_dialog.path=/data/j_daily_dialog \\
+        --config.data.sources.j_empathetic_dialogues.path=/data/j_empathetic_dialogues
+"""
+
+from lisendiff_jax.config import paper_config
+
+
+def get_config():
+    return paper_config("meta-llama/Llama-3.1-8B-Instruct", "ja")

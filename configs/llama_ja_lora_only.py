@@ -1,0 +1,11 @@
+"""BaseLLM+L2 baseline on Llama-3.1-8B-Instruct: LoRA only, no LisenDiff modules.
+
+Same data, LoRA and training settings as configs/llama_ja.py
+(L2 = Japanese: J-DailyDialog 10%, J-EmpatheticDialogues 20%).
+"""
+
+from lisendiff_jax.config import paper_config
+
+
+def get_config():
+    return paper_config("meta-llama/Llama-3.1-8B-Instruct", "ja", lisendiff=False)
