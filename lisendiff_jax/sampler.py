@@ -1,0 +1,164 @@
+"""DDPM and DDIM sampling chains for the x0-parameterised denoiser, as pure functions.
+
+Every step of both samplers has one form,
+
+    y0_hat = f(y_t, t)
+    y_prev = coef_y0 * y0_hat + coef_yt * y_t + sigma * z,    z ~ N(0, I),
+
+so a sampler is a `Plan`: the steps it visits (0-based, descending) and three coefficients per
+step. `run_chain` runs any plan as one `lax.scan`, so the whole chain compiles into one loop.
+
+- DDPM (Ho et al., 2020) visits all T steps and draws from the posterior
+  q(y_{t-1} | y_t, y0 = y0_hat): its mean coefficients and the square root of its variance.
+- DDIM (Song et al., 2021) visits S <= T evenly spaced steps. With eta = 1 and S = T it is
+  exactly DDPM (same coefficients, see the tests); eta = 0 makes every step deterministic, so
+  the sample depends on the starting noise only.
+
+The last step of every plan maps to alpha_bar = 1 (coef_y0 = 1, coef_yt = sigma = 0), so the
+chain's result is the denoiser's final prediction. Chains run in the standardised space the
+denoiser was trained in; `sample` draws the noise, runs the chain and returns latents in the
+encoder's space, which is what the LLM's cross-attention reads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from lisendiff_jax.diffusion import LatentStats, Schedule, unstandardise
+
+# (y_t [batch, L, d], t [batch] int32) -> predicted y0 [batch, L, d]
+DenoiseFn = Callable[[jax.Array, jax.Array], jax.Array]
+SamplerName = Literal["ddpm", "ddim"]
+
+
+@struct.dataclass
+class Plan:
+    """The steps a sampler visits, in the order it visits them, and their coefficients."""
+
+    timesteps: jax.Array  # [S] int32, descending, ends at 0
+    coef_y0: jax.Array  # [S] float32
+    coef_yt: jax.Array  # [S] float32
+    sigma: jax.Array  # [S] float32, 0 at the last step
+
+    @property
+    def num_steps(self) -> int:
+        return self.timesteps.shape[0]
+
+
+def ddpm_plan(schedule: Schedule) -> Plan:
+    """Ancestral sampling through all T steps with the posterior's mean and variance."""
+    t = jnp.arange(schedule.num_steps - 1, -1, -1, dtype=jnp.int32)
+    return Plan(
+        timesteps=t,
+        coef_y0=schedule.posterior_mean_coef_y0[t],
+        coef_yt=schedule.posterior_mean_coef_yt[t],
+        sigma=jnp.sqrt(schedule.posterior_variance[t]),
+    )
+
+
+def ddim_timesteps(total: int, num_steps: int) -> np.ndarray:
+    """`num_steps` evenly spaced 0-based steps [S] from total - 1 down to 0, both included."""
+    if not 2 <= num_steps <= total:
+        raise ValueError(f"DDIM steps must be in [2, {total}] for this schedule, got {num_steps}")
+    # Spacing (total - 1) / (num_steps - 1) >= 1, so rounding keeps the steps distinct.
+    return np.round(np.linspace(total - 1, 0, num_steps)).astype(np.int32)
+
+
+def ddim_plan(schedule: Schedule, num_steps: int, eta: float = 0.0) -> Plan:
+    """DDIM through `num_steps` of the schedule's steps; `eta` scales the noise (0: none,
+    1: the posterior's). Built from a concrete schedule, in float64, outside jit."""
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must be in [0, 1], got {eta}")
+    t = ddim_timesteps(schedule.num_steps, num_steps)
+    # From the betas rather than the stored float32 alpha_bars: near t = 0, 1 - alpha_bar is
+    # ~1e-3 and float32 alpha_bars would put 1e-5 relative errors into the coefficients.
+    alpha_bars = np.cumprod(1.0 - np.asarray(schedule.betas, np.float64))
+    abar = alpha_bars[t]
+    abar_prev = np.concatenate([alpha_bars[t[1:]], [1.0]])  # after the last step: clean
+    sigma = eta * np.sqrt((1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev))
+    # y_prev = sqrt(abar_prev) y0_hat + sqrt(1 - abar_prev - sigma^2) eps_hat + sigma z, with
+    # eps_hat = (y_t - sqrt(abar) y0_hat) / sqrt(1 - abar), regrouped by y0_hat and y_t.
+    coef_yt = np.sqrt(np.maximum(1.0 - abar_prev - sigma**2, 0.0) / (1.0 - abar))
+    coef_y0 = np.sqrt(abar_prev) - coef_yt * np.sqrt(abar)
+    f32 = lambda a: jnp.asarray(a, jnp.float32)
+    return Plan(jnp.asarray(t), f32(coef_y0), f32(coef_yt), f32(sigma))
+
+
+def make_plan(
+    schedule: Schedule, sampler: SamplerName = "ddpm", num_steps: int = 0, eta: float = 0.0
+) -> Plan:
+    """The plan for a sampler by name; `num_steps` and `eta` apply to DDIM (0 steps = T)."""
+    if sampler == "ddpm":
+        return ddpm_plan(schedule)
+    if sampler == "ddim":
+        return ddim_plan(schedule, num_steps or schedule.num_steps, eta)
+    raise ValueError(f"unknown sampler {sampler!r}; choose ddpm or ddim")
+
+
+def denoise_step(
+    denoise: DenoiseFn,
+    y_t: jax.Array,  # [batch, L, d]
+    t: jax.Array,  # [] int32
+    coef_y0: jax.Array,  # []
+    coef_yt: jax.Array,  # []
+    sigma: jax.Array,  # []
+    z: jax.Array,  # [batch, L, d]
+) -> tuple[jax.Array, jax.Array]:
+    """One step of any plan: (y_prev, y0_hat), both [batch, L, d]."""
+    y0_hat = denoise(y_t, jnp.full((y_t.shape[0],), t, jnp.int32))
+    chex.assert_equal_shape([y0_hat, y_t])
+    return coef_y0 * y0_hat + coef_yt * y_t + sigma * z, y0_hat
+
+
+def run_chain(
+    denoise: DenoiseFn,
+    plan: Plan,
+    y_start: jax.Array,  # [batch, L, d], noise at the plan's first step
+    noise: jax.Array,  # [S, batch, L, d], z of each step (the last step's is unused)
+    return_trajectory: bool = False,
+) -> tuple[jax.Array, jax.Array | None]:
+    """The chain as one `lax.scan`: the sample [batch, L, d] and, if asked, the predicted y0
+    at every step [S, batch, L, d] in the order the steps ran (the last entry is t = 0)."""
+    chex.assert_rank(y_start, 3)
+    chex.assert_shape(noise, (plan.num_steps, *y_start.shape))
+
+    def step(y_t, inputs):
+        y_prev, y0_hat = denoise_step(denoise, y_t, *inputs)
+        return y_prev, y0_hat if return_trajectory else None
+
+    inputs = (plan.timesteps, plan.coef_y0, plan.coef_yt, plan.sigma, noise)
+    sample, trajectory = jax.lax.scan(step, y_start, inputs)
+    return sample, trajectory
+
+
+def draw_noise(rng: jax.Array, plan: Plan, shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """The starting noise `shape` and the per-step noise [S, *shape] of one chain."""
+    start_key, steps_key = jax.random.split(rng)
+    return (
+        jax.random.normal(start_key, shape),
+        jax.random.normal(steps_key, (plan.num_steps, *shape)),
+    )
+
+
+def sample(
+    denoise: DenoiseFn,
+    plan: Plan,
+    stats: LatentStats,
+    rng: jax.Array,
+    shape: tuple[int, int, int],  # (batch, L, d)
+    return_trajectory: bool = False,
+) -> tuple[jax.Array, jax.Array | None]:
+    """Latents [batch, L, d] in the encoder's space, and optionally the predicted y0 of every
+    step [S, batch, L, d] (also unstandardised), from a chain run in standardised space."""
+    y_start, noise = draw_noise(rng, plan, shape)
+    latents, trajectory = run_chain(denoise, plan, y_start, noise, return_trajectory)
+    if trajectory is not None:
+        trajectory = unstandardise(stats, trajectory)
+    return unstandardise(stats, latents), trajectory
