@@ -1,10 +1,15 @@
 """Greedy decoding throughput: our jitted KV-cache loop vs transformers' `generate`.
 
-Both decode the same random ~34M-parameter Llama (written once by transformers, loaded by us
-from its safetensors), from the same prompts, for the same number of new tokens (no early
-stop). Prints tokens/s of each and the ratio ours / transformers.
+Both decode a random Llama from the same prompts for the same number of new tokens (no early
+stop) and print tokens/s and the ratio ours / transformers.
 
-    python benchmarks/bench_decode.py [--batch 1 8] [--prompt-len 32] [--new-tokens 128]
+- `--size 34m` (default, CPU, float32): one checkpoint written by transformers and loaded by
+  us, so both run the very same weights.
+- `--size 8b` (GPU, bfloat16): Llama-3.1-8B's shape; each side initialises its own random
+  weights on the device (writing 16 GB to disk would dominate the run), which does not change
+  the speed of decoding a fixed number of tokens.
+
+    python benchmarks/bench_decode.py [--size 34m|8b] [--batch 1 8] [--new-tokens 128]
 """
 
 from __future__ import annotations
@@ -17,35 +22,48 @@ import tempfile
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import torch
+from flax import nnx
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lisendiff_jax.backbone import load_backbone
+from lisendiff_jax.backbone import BackboneConfig, load_backbone
 from lisendiff_jax.backbone.generate import SamplingParams, generate
+from lisendiff_jax.backbone.model import Decoder
 
-MODEL = dict(
-    vocab_size=32000,
-    hidden_size=512,
-    intermediate_size=1376,
-    num_hidden_layers=6,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    tie_word_embeddings=True,
-    max_position_embeddings=131072,
-    rope_parameters={
-        "rope_type": "llama3",
-        "rope_theta": 500000.0,
-        "factor": 8.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 8192,
-    },
-)
+ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+SIZES = {
+    "34m": dict(
+        vocab_size=32000,
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        tie_word_embeddings=True,
+    ),
+    "8b": dict(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        tie_word_embeddings=False,
+    ),
+}
 
 
 def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up: compilation for ours, allocator warm-up for torch
+    fn()  # warm-up: compilation for ours, allocator and kernel selection for torch
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -54,31 +72,53 @@ def median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def build_models(size: str):
+    """(transformers model, our model) on the default device of each framework."""
+    hf = LlamaConfig(**SIZES[size], max_position_embeddings=131072, rope_parameters=ROPE)
+    torch.manual_seed(0)
+    if size == "34m":
+        torch_model = LlamaForCausalLM(hf).eval()
+        with tempfile.TemporaryDirectory() as folder:
+            torch_model.save_pretrained(folder)
+            return torch_model, load_backbone(folder, dtype="float32")
+    with torch.device("cuda"):
+        torch_model = LlamaForCausalLM._from_config(hf, dtype=torch.bfloat16).eval()
+    config = BackboneConfig.from_hf_dict(dict(SIZES[size], model_type="llama", rope_scaling=ROPE))
+    ours = nnx.jit(
+        lambda: Decoder(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    )()
+    return torch_model, ours
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="34m")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
-    torch_model = LlamaForCausalLM(LlamaConfig(**MODEL)).eval()
+    torch_model, ours = build_models(args.size)
+    torch_device = next(torch_model.parameters()).device
     n_params = sum(p.numel() for p in torch_model.parameters())
-    with tempfile.TemporaryDirectory() as folder:
-        torch_model.save_pretrained(folder)
-        ours = load_backbone(folder, dtype="float32")
-
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores")
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__}")
-    print(f"model: random Llama, {n_params / 1e6:.1f}M parameters, float32")
+    device = jax.devices()[0]
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPU cores; "
+        f"jax {jax.__version__} on {device.device_kind}; torch {torch.__version__} on "
+        f"{torch.cuda.get_device_name() if torch_device.type == 'cuda' else 'cpu'}"
+    )
+    print(
+        f"model: random Llama, {n_params / 1e6:.1f}M parameters, "
+        f"{next(torch_model.parameters()).dtype}"
+    )
     print(f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, no early stop")
     print(f"{'batch':>5} {'ours tok/s':>11} {'transformers tok/s':>19} {'ratio':>6}")
     params = SamplingParams(max_new_tokens=args.new_tokens)
+    vocab = SIZES[args.size]["vocab_size"]
     for batch in args.batch:
-        shape = (batch, args.prompt_len)
-        prompts = np.random.RandomState(batch).randint(3, MODEL["vocab_size"], shape)
+        prompts = np.random.RandomState(batch).randint(3, vocab, (batch, args.prompt_len))
 
         def run_ours(prompts=prompts):
             jax.block_until_ready(generate(ours, prompts, params=params).tokens)
@@ -86,18 +126,23 @@ def main() -> None:
         def run_torch(prompts=prompts):
             with torch.inference_mode():
                 torch_model.generate(
-                    torch.tensor(prompts),
-                    attention_mask=torch.ones(prompts.shape, dtype=torch.long),
+                    torch.tensor(prompts, device=torch_device),
+                    attention_mask=torch.ones(prompts.shape, dtype=torch.long, device=torch_device),
                     max_new_tokens=args.new_tokens,
                     min_new_tokens=args.new_tokens,
                     do_sample=False,
                     pad_token_id=0,
                 )
+            if torch_device.type == "cuda":
+                torch.cuda.synchronize()
 
         tokens = batch * args.new_tokens
         ours_tps = tokens / median_seconds(run_ours, args.repeats)
         torch_tps = tokens / median_seconds(run_torch, args.repeats)
-        print(f"{batch:>5} {ours_tps:>11.1f} {torch_tps:>19.1f} {ours_tps / torch_tps:>6.2f}")
+        print(
+            f"{batch:>5} {ours_tps:>11.1f} {torch_tps:>19.1f} {ours_tps / torch_tps:>6.2f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

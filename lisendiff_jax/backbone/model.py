@@ -154,6 +154,26 @@ def _call_layer(layer: DecoderLayer, *args):
     return layer(*args)
 
 
+def _rematerialised(policy):
+    """`_call_layer` under jax.checkpoint, on the layer's state as a plain pytree.
+
+    nnx.remat would write the layer's state back after the call, which NNX refuses when the
+    layer was merged at an outer trace level (as the frozen weights of a train step are).
+    A layer's call changes no state worth keeping (dropout streams are refreshed every
+    step), so the pure form loses nothing.
+    """
+
+    def call(layer: DecoderLayer, *args):
+        graphdef, state = nnx.split(layer)
+
+        def pure(state, *args):
+            return nnx.merge(graphdef, state)(*args)
+
+        return jax.checkpoint(pure, policy=policy)(state, *args)
+
+    return call
+
+
 class Decoder(nnx.Module):
     """A causal language model: `model(input_ids)` gives float32 logits [batch, seq, vocab]."""
 
@@ -257,7 +277,7 @@ class Decoder(nnx.Module):
         x = self.embed_tokens(input_ids)
         call_layer = _call_layer
         if self.remat != "none" and cache is None:
-            call_layer = nnx.remat(_call_layer, policy=REMAT_POLICIES[self.remat])
+            call_layer = _rematerialised(REMAT_POLICIES[self.remat])
         new_keys, new_values = [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.keys[i], cache.values[i])
