@@ -1,0 +1,264 @@
+"""The command line of `sample.py`: one reply, a JSONL batch, or an interactive chat.
+
+    python sample.py --workdir DIR --context "I failed my exam today."
+    python sample.py --context "I failed my exam. ||| Oh no, what happened? ||| I froze." --trace
+    python sample.py --context "Turn one" --context "Turn two" --style default --lang yue --json
+    python sample.py --input requests.jsonl --output replies.jsonl
+    python sample.py --chat
+    python sample.py --backbone meta-llama/Llama-3.1-8B-Instruct --context "..."   # BaseLLM
+
+Context turns run oldest first and the newest is the user's; give them as repeated --context
+options, or within one option separated by " ||| ". --workdir takes a training workdir (a
+LisenDiff or LoRA-only run) or a folder written by `python -m lisendiff_jax.export`; without
+it the embedded default's workdir is used. --backbone samples an untrained backbone.
+
+JSONL input: one request per line, {"context": [turns] or "a ||| b", "style": ..., "lang": ...,
+"id": ...}; only the context is required, the rest default to the command-line options. Every
+JSON output line holds the request, the reply, whether the context was cut, the latent
+([L, d] list, null without LisenDiff modules) and, with --trace, the reply decoded from each of
+the last steps' predicted y0 (with sampling, each trace row draws its own tokens; with
+--temperature 0 the t = 0 row equals the reply).
+
+Errors are one line on stderr with exit status 1; a context cut to fit the model is a warning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from lisendiff_jax.data.example import STYLES
+from lisendiff_jax.data.formatting import SYSTEM_PROMPTS
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors about the user's input or files: reported as one line, no traceback. Imported
+    here, not at the top, so that --help answers without loading JAX."""
+    from lisendiff_jax.export import ExportError
+    from lisendiff_jax.inference import InputError
+    from lisendiff_jax.restore import LOAD_ERRORS
+
+    return (*LOAD_ERRORS, ExportError, InputError)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sample.py",
+        description="Reply to a conversation with a trained LisenDiff model.",
+        epilog="Context turns: oldest first, repeated --context or separated by ' ||| '.",
+    )
+    source = p.add_argument_group("model")
+    source.add_argument("--workdir", help="training workdir or exported folder")
+    source.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
+    source.add_argument("--backbone", help="sample an untrained backbone (hub id or folder)")
+    source.add_argument("--dtype", choices=("float32", "bfloat16"), help="backbone dtype")
+    what = p.add_argument_group("requests")
+    what.add_argument("--context", action="append", default=[], help="turn(s), repeatable")
+    what.add_argument("--style", choices=STYLES, default="empathy")
+    what.add_argument("--lang", choices=sorted(SYSTEM_PROMPTS), help="default: the run's")
+    what.add_argument("--input", type=Path, help="JSONL file of requests")
+    what.add_argument("--output", type=Path, help="JSONL file for the replies")
+    what.add_argument("--chat", action="store_true", help="interactive: keep the conversation")
+    how = p.add_argument_group("sampling")
+    how.add_argument("--seed", type=int, default=0)
+    how.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    how.add_argument("--top-p", type=float, default=0.9)
+    how.add_argument("--max-tokens", type=int, default=64)
+    how.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
+    how.add_argument("--ddim-steps", type=int, default=10)
+    how.add_argument("--eta", type=float, default=0.0, help="DDIM noise scale, 0 to 1")
+    how.add_argument("--batch-size", type=int, default=16)
+    show = p.add_argument_group("output")
+    show.add_argument("--trace", action="store_true", help="also decode the last steps' y0")
+    show.add_argument("--trace-steps", type=int, default=5, help="how many last steps")
+    show.add_argument("--json", action="store_true", help="one JSON object per reply")
+    return p
+
+
+def _load(args: argparse.Namespace, default_workdir: Path | None):
+    from lisendiff_jax.export import is_export, load_exported
+    from lisendiff_jax.restore import RestoreError, load_base, load_workdir
+
+    if args.backbone:
+        if args.workdir:
+            raise RestoreError("give --workdir or --backbone, not both")
+        return load_base(args.backbone, args.dtype or "bfloat16")
+    workdir = Path(args.workdir) if args.workdir else default_workdir
+    if workdir is None or not workdir.exists():
+        if args.workdir:
+            raise RestoreError(f"{workdir}: no such workdir")
+        raise RestoreError(
+            f"no --workdir given and {workdir} does not exist: train the embedded default "
+            "first with `python train.py` (a few minutes on a CPU), or pass --workdir DIR "
+            "or --backbone HUB_OR_PATH"
+        )
+    if is_export(workdir):
+        return load_exported(workdir, args.dtype)
+    return load_workdir(workdir, args.step, args.dtype)
+
+
+def _requests_from_file(path: Path, args: argparse.Namespace) -> Iterator[tuple[dict, Any]]:
+    from lisendiff_jax.inference import InputError, Request, split_turns
+
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise InputError(f"{where}: not JSON ({err.msg})") from None
+            if not isinstance(record, dict) or "context" not in record:
+                raise InputError(f'{where}: expected an object with a "context"')
+            context = record["context"]
+            turns = split_turns(context) if isinstance(context, str) else context
+            if not isinstance(turns, list) or not all(isinstance(t, str) for t in turns):
+                raise InputError(f"{where}: context must be a string or a list of strings")
+            try:
+                request = Request(
+                    tuple(turns), record.get("style", args.style), record.get("lang", args.lang)
+                )
+            except InputError as err:
+                raise InputError(f"{where}: {err}") from None
+            yield record, request
+
+
+def _record(request, reply, extra: dict | None = None) -> dict:
+    record = dict(extra or {})
+    record.update(
+        context=list(request.context),
+        style=request.style,
+        lang=request.lang,
+        reply=reply.text,
+        truncated=reply.truncated,
+        latent=None if reply.latent is None else reply.latent.tolist(),
+    )
+    if reply.trace:
+        record["trace"] = [{"t": s.t, "reply": s.text} for s in reply.trace]
+    return record
+
+
+def _show(request, reply, as_json: bool, out: TextIO) -> None:
+    if as_json:
+        out.write(json.dumps(_record(request, reply), ensure_ascii=False) + "\n")
+        return
+    out.write(reply.text + "\n")
+    for step in reply.trace:
+        out.write(f"  t={step.t}: {step.text}\n")
+
+
+def _chat(listener, options, args: argparse.Namespace, history: list[str]) -> None:
+    from lisendiff_jax.inference import Request
+
+    print("chat: type a message; /reset forgets the conversation, /quit (or Ctrl-D) ends it")
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            print()
+            return
+        if line == "/quit":
+            return
+        if line == "/reset":
+            history.clear()
+            continue
+        if not line:
+            continue
+        history.append(line)
+        request = Request(tuple(history), args.style, args.lang)
+        reply = listener.reply([request], options)[0]
+        history.append(reply.text)
+        print(f"listener> {reply.text}")
+        for step in reply.trace:
+            print(f"  t={step.t}: {step.text}")
+
+
+def run(args: argparse.Namespace, default_workdir: Path | None) -> None:
+    from lisendiff_jax.inference import InputError, Listener, Options, Request, split_turns
+
+    history = [turn for text in args.context for turn in split_turns(text)]
+    if not (args.chat or args.input):
+        if not args.context:
+            raise InputError("nothing to answer: give --context TEXT, --input FILE or --chat")
+        if not history:
+            raise InputError("empty context: give at least one non-blank turn")
+    if args.max_tokens < 1:
+        raise InputError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    model, config, tokenizer = _load(args, default_workdir)
+    args.lang = args.lang or config.data.target_lang
+    try:
+        options = Options(
+            seed=args.seed,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            max_tokens=args.max_tokens,
+            sampler=args.sampler,
+            ddim_steps=args.ddim_steps if args.sampler == "ddim" else 0,
+            eta=args.eta,
+            trace_steps=args.trace_steps if args.trace else 0,
+        )
+        listener = Listener(model, config, tokenizer)
+        listener.prepare(options)
+    except ValueError as err:  # sampling settings out of range
+        raise InputError(str(err)) from None
+
+    if args.chat:
+        _chat(listener, options, args, history)
+        return
+    if args.input:
+        pairs = list(_requests_from_file(args.input, args))
+        if not pairs:
+            raise InputError(f"{args.input}: no requests in the file")
+        records, requests = zip(*pairs, strict=True)
+        replies = listener.reply(list(requests), options, args.batch_size)
+        lines = [
+            json.dumps(
+                _record(q, r, {"id": rec["id"]} if "id" in rec else None), ensure_ascii=False
+            )
+            for rec, q, r in zip(records, requests, replies, strict=True)
+        ]
+    else:
+        request = Request(tuple(history), args.style, args.lang)
+        reply = listener.reply([request], options)[0]
+        if not args.output:
+            _show(request, reply, args.json, sys.stdout)
+            return
+        lines = [json.dumps(_record(request, reply), ensure_ascii=False)]
+    text = "".join(line + "\n" for line in lines)
+    if args.output:
+        args.output.write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+
+
+def main(argv: Sequence[str] | None = None, default_workdir: Path | None = None) -> int:
+    """Runs the command line; returns the exit status (errors print one line)."""
+    args = parser().parse_args(argv)
+    from absl import logging
+
+    logging.set_verbosity(logging.ERROR)  # orbax logs at INFO and WARNING while restoring
+    errors = _user_errors()
+
+    def one_line_warning(message, category, *rest, **kwargs):
+        print(f"warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = one_line_warning
+        try:
+            run(args, default_workdir)
+        except errors as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            return 130
+    return 0

@@ -1,0 +1,285 @@
+"""Replies from a restored model: encode the context, sample a latent, decode while reading it.
+
+A request is some context turns (oldest first), a style and a target language. A batch of
+requests becomes:
+1. prompts: each chat rendered with the language's system prompt and the generation prompt
+   (`encode_chat`), cut from the oldest turn to the prompt budget (with a warning), left-padded
+   to a shared length rounded up to a multiple of `PAD_MULTIPLE`, so few shapes compile;
+2. context embeddings: the newest `data.max_context` turns through the run's S-Encoder, laid
+   out as in training (oldest first, padded at the end) - LisenDiff models only;
+3. one jitted call: the style summary, the sampler chain (`sampler.py`), KV-cache decoding
+   with the LLM cross-attending to the latent and, for a trace, decoding once more from the
+   predicted y0 of each of the last steps, all rows of the trace as one batch.
+
+The prompt budget is the run's `data.max_length`, the longest chat the model was trained on,
+and never more than the backbone's positions minus the tokens to generate.
+
+Models without LisenDiff modules (the LoRA-only baseline, a bare backbone) decode from the
+prompt alone; their replies carry no latent and no trace.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import warnings
+from collections.abc import Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from transformers import PreTrainedTokenizerBase
+
+from lisendiff_jax.backbone.generate import SamplingParams, decode
+from lisendiff_jax.data.example import STYLES
+from lisendiff_jax.data.formatting import encode_chat, system_prompt
+from lisendiff_jax.encoder import Encoder, make_encoder
+from lisendiff_jax.model import LisenDiff
+from lisendiff_jax.sampler import Plan, SamplerName, make_plan, sample
+
+PAD_MULTIPLE = 32
+LATENT_SET_SIZE = 1  # the encoder cache gives one pooled vector per response (L = 1)
+
+
+class InputError(ValueError):
+    """A request the model cannot answer; the message says what to change."""
+
+
+class ContextTruncatedWarning(UserWarning):
+    """The context did not fit the prompt budget and lost its oldest part."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    context: tuple[str, ...]  # turns, oldest first; the newest is the user's
+    style: str = "empathy"
+    lang: str = "zh"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "context", tuple(t.strip() for t in self.context if t.strip()))
+        if not self.context:
+            raise InputError("empty context: give at least one non-blank turn")
+        if self.style not in STYLES:
+            raise InputError(f"unknown style {self.style!r}; choose one of {', '.join(STYLES)}")
+        try:
+            system_prompt(self.lang)
+        except ValueError as err:
+            raise InputError(str(err)) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """How latents and tokens are drawn. temperature 0 decodes greedily."""
+
+    seed: int = 0
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_tokens: int = 64
+    sampler: SamplerName = "ddpm"
+    ddim_steps: int = 0  # 0 = every step of the schedule
+    eta: float = 0.0  # DDIM noise scale
+    trace_steps: int = 0  # decode the predicted y0 of this many final steps too
+
+
+@dataclasses.dataclass(frozen=True)
+class TraceStep:
+    t: int  # 0-based diffusion step whose y0 prediction was decoded
+    text: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Reply:
+    text: str
+    latent: np.ndarray | None  # [L, d] float32 in the encoder's space; None without LisenDiff
+    trace: tuple[TraceStep, ...] = ()
+    truncated: bool = False  # the context lost turns or characters to fit the prompt budget
+
+
+def split_turns(text: str, separator: str = "|||") -> list[str]:
+    """Turns written on one line, e.g. "I failed. ||| Oh no! ||| I studied so hard."."""
+    return [turn.strip() for turn in text.split(separator) if turn.strip()]
+
+
+def sample_latents(
+    model: LisenDiff,
+    context: jax.Array,  # [batch, n_ctx, d] utterance embeddings, oldest first
+    context_mask: jax.Array,  # [batch, n_ctx] bool
+    style_ids: jax.Array,  # [batch] int
+    rng: jax.Array,
+    plan: Plan,
+    return_trajectory: bool = False,
+) -> tuple[jax.Array, jax.Array | None]:
+    """Latents [batch, L, d] for each row's style, and optionally every step's predicted y0
+    [S, batch, L, d], both in the encoder's space."""
+    chex.assert_rank(context, 3)
+    x = model.summary(context, context_mask, style_ids)  # [batch, n_queries, d]
+
+    def denoise(y_t: jax.Array, t: jax.Array) -> jax.Array:
+        return model.denoisers(y_t, t, x, style_ids)
+
+    shape = (context.shape[0], LATENT_SET_SIZE, model.latent_dim)
+    return sample(denoise, plan, model.latent_stats, rng, shape, return_trajectory)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "params", "trace_steps"))
+def _respond(graphdef, state, plan, batch, rng, params, trace_steps):
+    model = nnx.merge(graphdef, state)
+    ids, mask = batch["input_ids"], batch["attention_mask"]  # [B, P]
+    latent_key, decode_key = jax.random.split(rng)
+    if not model.lisendiff:
+        return {"reply": decode(model.backbone, ids, mask, decode_key, params)}
+    latents, trajectory = sample_latents(
+        model,
+        batch["context"],
+        batch["context_mask"],
+        batch["style_ids"],
+        latent_key,
+        plan,
+        return_trajectory=trace_steps > 0,
+    )
+    out = {
+        "latents": latents,
+        "reply": decode(model.backbone, ids, mask, decode_key, params, {"latents": latents}),
+    }
+    if trace_steps:
+        last = trajectory[-trace_steps:]  # [k, B, L, d]
+        k, b = last.shape[:2]
+        tiled = lambda a: jnp.tile(a, (k, 1))  # row j * B + i: step j, request i
+        latents_k = last.reshape(k * b, *last.shape[2:])
+        out["trace"] = decode(
+            model.backbone, tiled(ids), tiled(mask), decode_key, params, {"latents": latents_k}
+        )
+    return out
+
+
+class Listener:
+    """Answers requests with one model; compiles once per (batch, prompt length, options)."""
+
+    def __init__(
+        self,
+        model: LisenDiff,
+        config: ml_collections.ConfigDict,
+        tokenizer: PreTrainedTokenizerBase,
+        encoder: Encoder | None = None,
+    ):
+        self.config, self.tokenizer = config, tokenizer
+        self.lisendiff = model.lisendiff
+        if self.lisendiff:
+            encoder = encoder or make_encoder(config.data.encoder)
+            if encoder.dim != model.latent_dim:
+                raise InputError(
+                    f"the encoder {config.data.encoder!r} gives {encoder.dim}-d vectors, the "
+                    f"model reads {model.latent_dim}-d latents"
+                )
+        self.encoder = encoder
+        self.schedule = model.diffusion.make()
+        backbone = model.backbone.config
+        self.eos_ids = backbone.eos_token_ids or (tokenizer.eos_token_id,)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.max_positions = backbone.max_position_embeddings
+        self.graphdef, self.state = nnx.split(model)
+
+    def prepare(self, options: Options) -> tuple[SamplingParams, Plan, int, int]:
+        """Decoding parameters, sampler plan, trace length and prompt budget for `options`;
+        raises ValueError for settings out of range before anything runs."""
+        params = SamplingParams(
+            max_new_tokens=options.max_tokens,
+            temperature=options.temperature,
+            top_p=options.top_p,
+            eos_token_ids=tuple(self.eos_ids),
+            pad_token_id=self.pad_id,
+        )
+        plan = make_plan(self.schedule, options.sampler, options.ddim_steps, options.eta)
+        if options.trace_steps < 0:
+            raise ValueError(f"trace steps must be >= 0, got {options.trace_steps}")
+        trace_steps = min(options.trace_steps, plan.num_steps) if self.lisendiff else 0
+        budget = min(self.config.data.max_length, self.max_positions - options.max_tokens)
+        if budget < 1:
+            raise ValueError(
+                f"max tokens {options.max_tokens} leaves no room for a prompt in the "
+                f"backbone's {self.max_positions} positions"
+            )
+        return params, plan, trace_steps, budget
+
+    def _prompts(self, requests: Sequence[Request], budget: int) -> tuple[dict, list[bool]]:
+        rows, truncated = [], []
+        for r in requests:
+            try:
+                encoded = encode_chat(self.tokenizer, r.context, system_prompt(r.lang), budget)
+            except ValueError as err:
+                raise InputError(str(err)) from None
+            cut = encoded.kept_turns < len(r.context) or encoded.shortened != "none"
+            if cut:
+                warnings.warn(
+                    f"context cut to fit {budget} prompt tokens: kept the newest "
+                    f"{encoded.kept_turns} of {len(r.context)} turn(s)"
+                    + (", the oldest of them shortened" if encoded.shortened != "none" else ""),
+                    ContextTruncatedWarning,
+                    stacklevel=3,
+                )
+            rows.append(encoded.input_ids)
+            truncated.append(cut)
+        width = -(-max(len(r) for r in rows) // PAD_MULTIPLE) * PAD_MULTIPLE
+        ids = np.full((len(rows), width), self.pad_id, np.int32)
+        mask = np.zeros((len(rows), width), np.int32)
+        for i, row in enumerate(rows):  # left padding: every row's next token shares a slot
+            ids[i, width - len(row) :], mask[i, width - len(row) :] = row, 1
+        return {"input_ids": ids, "attention_mask": mask}, truncated
+
+    def _context(self, requests: Sequence[Request]) -> dict:
+        n_ctx = self.config.data.max_context
+        newest = [r.context[-n_ctx:] for r in requests]
+        texts = list(dict.fromkeys(t for turns in newest for t in turns))
+        vectors = self.encoder.encode(texts)  # [texts, d]
+        row = {t: i for i, t in enumerate(texts)}
+        context = np.zeros((len(requests), n_ctx, self.encoder.dim), np.float32)
+        mask = np.zeros((len(requests), n_ctx), bool)
+        for i, turns in enumerate(newest):
+            context[i, : len(turns)] = vectors[[row[t] for t in turns]]
+            mask[i, : len(turns)] = True
+        style_ids = np.array([STYLES.index(r.style) for r in requests], np.int32)
+        return {"context": context, "context_mask": mask, "style_ids": style_ids}
+
+    def reply(
+        self, requests: Sequence[Request], options: Options = Options(), batch_size: int = 16
+    ) -> list[Reply]:
+        """One reply per request, in order, decoded `batch_size` requests at a time. Batch i
+        draws from fold_in(key(seed), i), so a request's reply depends on its batch."""
+        params, plan, trace_steps, budget = self.prepare(options)
+        key = jax.random.key(options.seed)
+        replies: list[Reply] = []
+        for start in range(0, len(requests), batch_size):
+            chunk = requests[start : start + batch_size]
+            batch, truncated = self._prompts(chunk, budget)
+            if self.lisendiff:
+                batch.update(self._context(chunk))
+            rng = jax.random.fold_in(key, start // batch_size)
+            out = _respond(self.graphdef, self.state, plan, batch, rng, params, trace_steps)
+            texts = self._texts(out["reply"])
+            latents = np.asarray(out["latents"]) if "latents" in out else [None] * len(chunk)
+            traces = [()] * len(chunk)
+            if trace_steps:
+                steps = np.asarray(plan.timesteps[-trace_steps:])
+                trace_texts = self._texts(out["trace"])  # row j * B + i: step j, request i
+                traces = [
+                    tuple(
+                        TraceStep(int(t), trace_texts[j * len(chunk) + i])
+                        for j, t in enumerate(steps)
+                    )
+                    for i in range(len(chunk))
+                ]
+            replies += [
+                Reply(text, latent, trace, cut)
+                for text, latent, trace, cut in zip(texts, latents, traces, truncated, strict=True)
+            ]
+        return replies
+
+    def _texts(self, generation) -> list[str]:
+        tokens, lengths = np.asarray(generation.tokens), np.asarray(generation.lengths)
+        return [
+            self.tokenizer.decode(row[:n], skip_special_tokens=True).strip()
+            for row, n in zip(tokens, lengths, strict=True)
+        ]

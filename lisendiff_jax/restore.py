@@ -1,0 +1,200 @@
+"""Rebuilding a model for inference: from a training workdir, or from a bare backbone.
+
+Every loader returns (model, config, tokenizer) with `model` a `LisenDiff` in eval mode whose
+LoRA adapters are merged into the base kernels (`merge_lora`): inference runs plain
+projections, and a workdir and its export (`lisendiff_jax.export`) hold the same weights bit
+for bit, so they give the same samples. `config` is the run's full config (`config.json`);
+`config.model.lisendiff` says whether the LisenDiff modules are there (False for the LoRA-only
+baseline and for a bare backbone).
+
+From a workdir only what inference needs is read: the trainable parameters and the latent
+statistics (orbax partial restore), not the optimizer state, which is twice their size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from flax import nnx
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from lisendiff_jax.backbone import BackboneConfigError, CheckpointError, load_backbone
+from lisendiff_jax.checkpoint import CheckpointNotFoundError, CorruptCheckpointError
+from lisendiff_jax.config import base_config
+from lisendiff_jax.lora import merge_lora
+from lisendiff_jax.model import LatentStat, LisenDiff, ModelSettingsError
+from lisendiff_jax.training import backbone_folder
+
+Loaded = tuple[LisenDiff, ml_collections.ConfigDict, PreTrainedTokenizerBase]
+
+
+class RestoreError(ValueError):
+    """A folder that does not hold what a model needs; the message names the file."""
+
+
+# What loading a model can raise about the user's folders and settings: command lines report
+# these as one line.
+LOAD_ERRORS: tuple[type[Exception], ...] = (
+    BackboneConfigError,
+    CheckpointError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    ModelSettingsError,
+    RestoreError,
+)
+
+
+def read_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+    """The run's config from `<workdir>/config.json`."""
+    workdir = Path(workdir)
+    if not workdir.is_dir():
+        raise RestoreError(f"{workdir}: no such workdir")
+    path = workdir / "config.json"
+    if not path.is_file():
+        raise RestoreError(
+            f"{path} not found: not a training workdir (train one with "
+            f"python train.py --workdir {workdir})"
+        )
+    try:
+        return ml_collections.ConfigDict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RestoreError(f"{path}: not valid JSON ({err})") from None
+
+
+def load_tokenizer(folder: str | os.PathLike) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if not tokenizer.chat_template:
+        raise RestoreError(f"{folder}: the tokenizer has no chat template")
+    return tokenizer
+
+
+def build_model(
+    folder: str | os.PathLike,
+    config: ml_collections.ConfigDict,
+    latent_dim: int,
+    dtype: str | None = None,
+) -> LisenDiff:
+    """The run's model around the backbone in `folder`, with freshly initialised trainable
+    parameters (to be overwritten), LoRA not yet merged. `dtype` overrides the run's backbone
+    parameter and compute dtypes (e.g. float32 on a CPU)."""
+    m = config.model
+    backbone = load_backbone(
+        folder, dtype=dtype or m.param_dtype, compute_dtype=dtype or m.compute_dtype
+    )
+    return LisenDiff(backbone, m, latent_dim, rngs=nnx.Rngs(params=0, dropout=1))
+
+
+def for_inference(model: LisenDiff) -> LisenDiff:
+    """Eval mode (no LoRA dropout) and adapters folded into the base kernels, in place."""
+    model.eval()
+    merge_lora(model.backbone)
+    return model
+
+
+def _steps(workdir: Path) -> list[int]:
+    # Read-only: a training run may be writing its next step into the same folder.
+    manager = ocp.CheckpointManager(
+        workdir, options=ocp.CheckpointManagerOptions(read_only=True, create=False)
+    )
+    return sorted(manager.all_steps())
+
+
+def checkpoint_step(workdir: str | os.PathLike, step: int | None = None) -> Path:
+    """The folder of checkpoint `step` (default: the newest) under `workdir`."""
+    workdir = Path(workdir)
+    steps = _steps(workdir)
+    if not steps:
+        raise CheckpointNotFoundError(
+            f"{workdir}: no checkpoint yet (no complete step folder); train first with "
+            f"python train.py --workdir {workdir}"
+        )
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise CheckpointNotFoundError(
+            f"{workdir}: no checkpoint for step {step} (have {', '.join(map(str, steps))})"
+        )
+    return workdir / str(step)
+
+
+def _corrupt(path: Path, err: Exception) -> CorruptCheckpointError:
+    first_line = (str(err).strip().splitlines() or [""])[0]
+    return CorruptCheckpointError(
+        f"{path}: cannot restore checkpoint ({type(err).__name__}: {first_line[:300]})"
+    )
+
+
+def _latent_dim(state_dir: Path) -> int:
+    """The latent width, from the checkpoint's metadata (no array is read)."""
+    try:
+        tree = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree
+        return int(tree["latent_stats"]["latent_mean"]["value"].shape[0])
+    except Exception as err:  # orbax raises many types for unreadable metadata
+        raise _corrupt(state_dir.parent, err) from None
+
+
+def _restore_partial(state_dir: Path, item: dict[str, Any]) -> dict[str, Any]:
+    """The entries of `item` (abstract or concrete pytrees) read from a saved state."""
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, item)
+    args = ocp.args.PyTreeRestore(
+        item=abstract,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+        partial_restore=True,
+    )
+    try:
+        return ocp.PyTreeCheckpointer().restore(state_dir, args=args)
+    except Exception as err:  # as above: missing files, bad bytes, mismatched shapes
+        raise _corrupt(state_dir.parent, err) from None
+
+
+def restore_workdir(
+    workdir: str | os.PathLike, step: int | None = None, dtype: str | None = None
+) -> Loaded:
+    """The model of a training run at `step` (default: the newest checkpoint) as it trained:
+    adapters unmerged. `load_workdir` is the same, ready for inference."""
+    workdir = Path(workdir)
+    config = read_run_config(workdir)
+    step_dir = checkpoint_step(workdir, step)
+    state_dir = step_dir / "state"
+    folder = backbone_folder(config.model.backbone)
+    model = build_model(folder, config, _latent_dim(state_dir), dtype)
+    _, trainable, stats, _ = nnx.split(model, model.trainable_filter(), LatentStat, ...)
+    restored = _restore_partial(state_dir, {"trainable": trainable, "latent_stats": stats})
+    nnx.update(model, restored["trainable"], restored["latent_stats"])
+    return model, config, load_tokenizer(folder)
+
+
+def load_workdir(
+    workdir: str | os.PathLike, step: int | None = None, dtype: str | None = None
+) -> Loaded:
+    """The model of a training run at `step` (default: the newest checkpoint), for inference."""
+    model, config, tokenizer = restore_workdir(workdir, step, dtype)
+    return for_inference(model), config, tokenizer
+
+
+def base_model_config(backbone: str, dtype: str = "bfloat16") -> ml_collections.ConfigDict:
+    """A run config describing an untrained backbone: no LisenDiff modules, nothing trained."""
+    config = base_config()
+    config.name = "base"
+    config.model.backbone = backbone
+    config.model.lisendiff = False
+    config.model.train_lm_head = False  # a tied head would be refused, and nothing trains
+    config.model.param_dtype = config.model.compute_dtype = dtype
+    return config
+
+
+def load_base(backbone: str, dtype: str = "bfloat16") -> Loaded:
+    """A bare backbone (hub id, folder, or "tiny") as a model that samples like a workdir's:
+    the BaseLLM baseline. Its LoRA starts at zero, so merging it leaves the weights as loaded.
+    """
+    config = base_model_config(backbone, dtype)
+    folder = backbone_folder(backbone)
+    # No latent is ever read; the statistics only need some width.
+    model = build_model(folder, config, latent_dim=1)
+    return for_inference(model), config, load_tokenizer(folder)

@@ -1,0 +1,15 @@
+"""Reply to a conversation with a trained LisenDiff model (see lisendiff_jax/chat.py).
+
+python sample.py --workdir workdirs/tiny --context "I failed my exam today." --trace
+python sample.py --help
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from lisendiff_jax.chat import main
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:], default_workdir=Path(__file__).resolve().parent / "workdirs/tiny"))
