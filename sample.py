@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 from lisendiff_jax.chat import main
+from lisendiff_jax.restore import exit_process
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:], default_workdir=Path(__file__).resolve().parent / "workdirs/tiny"))
+    default_workdir = Path(__file__).resolve().parent / "workdirs" / "tiny"
+    exit_process(main(sys.argv[1:], default_workdir=default_workdir))

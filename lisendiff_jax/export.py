@@ -45,6 +45,7 @@ from lisendiff_jax.restore import (
     Loaded,
     build_model,
     checkpoint_step,
+    exit_process,
     for_inference,
     load_tokenizer,
     restore_workdir,
@@ -287,4 +288,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -13,8 +13,12 @@ statistics (orbax partial restore), not the optimizer state, which is twice thei
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +35,7 @@ from lisendiff_jax.lora import merge_lora
 from lisendiff_jax.model import LatentStat, LisenDiff, ModelSettingsError
 from lisendiff_jax.training import backbone_folder
 
+_FAILED_READS_GRACE_S = 0.5
 Loaded = tuple[LisenDiff, ml_collections.ConfigDict, PreTrainedTokenizerBase]
 
 
@@ -124,7 +129,7 @@ def checkpoint_step(workdir: str | os.PathLike, step: int | None = None) -> Path
 
 
 def _corrupt(path: Path, err: Exception) -> CorruptCheckpointError:
-    first_line = (str(err).strip().splitlines() or [""])[0]
+    first_line = (str(err).strip().splitlines() or [""])[0].split(" See full TensorStore")[0]
     return CorruptCheckpointError(
         f"{path}: cannot restore checkpoint ({type(err).__name__}: {first_line[:300]})"
     )
@@ -133,9 +138,13 @@ def _corrupt(path: Path, err: Exception) -> CorruptCheckpointError:
 def _latent_dim(state_dir: Path) -> int:
     """The latent width, from the checkpoint's metadata (no array is read)."""
     try:
-        tree = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree
+        with ocp.PyTreeCheckpointer() as checkpointer:
+            metadata = checkpointer.metadata(state_dir)
+        tree = metadata.item_metadata.tree if metadata.item_metadata is not None else {}
         return int(tree["latent_stats"]["latent_mean"]["value"].shape[0])
     except Exception as err:  # orbax raises many types for unreadable metadata
+        if isinstance(err, (KeyError, TypeError)):
+            err = ValueError("its metadata is missing or unreadable")
         raise _corrupt(state_dir.parent, err) from None
 
 
@@ -147,10 +156,19 @@ def _restore_partial(state_dir: Path, item: dict[str, Any]) -> dict[str, Any]:
         restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
         partial_restore=True,
     )
+    # When a read fails, orbax closes its event loop under the reads still in flight, and each
+    # prints a traceback to sys.stderr from its own thread, before and after orbax raises.
+    # Their output is held back, and dropped if the restore fails.
+    held = io.StringIO()
     try:
-        return ocp.PyTreeCheckpointer().restore(state_dir, args=args)
+        with contextlib.redirect_stderr(held):
+            restored = ocp.PyTreeCheckpointer().restore(state_dir, args=args)
     except Exception as err:  # as above: missing files, bad bytes, mismatched shapes
+        with contextlib.redirect_stderr(io.StringIO()):
+            time.sleep(_FAILED_READS_GRACE_S)
         raise _corrupt(state_dir.parent, err) from None
+    sys.stderr.write(held.getvalue())
+    return restored
 
 
 def restore_workdir(
@@ -198,3 +216,14 @@ def load_base(backbone: str, dtype: str = "bfloat16") -> Loaded:
     # No latent is ever read; the statistics only need some width.
     model = build_model(folder, config, latent_dim=1)
     return for_inference(model), config, load_tokenizer(folder)
+
+
+def exit_process(code: int) -> None:
+    """Ends a command line with `code`. After a failed restore, orbax's pending work can
+    print tracebacks while the interpreter shuts down; an error exit skips the shutdown so
+    that the one-line error stays the only output."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if code:
+        os._exit(code)
+    sys.exit(code)
