@@ -106,9 +106,10 @@ def main() -> None:
     parser.add_argument("--backbone", choices=sorted(BACKBONES), default="llama")
     parser.add_argument("--inner-dim", type=int, nargs="+", default=[0, 2048, 1024, 512])
     args = parser.parse_args()
+    mu = paper_config(args.backbone, "ja").optimizer_state_dtype
     print(
         f"{args.backbone}: bf16 frozen weights, fp32 LoRA and LisenDiff modules, "
-        "lm_head trained in bf16, Adam mu fp32"
+        f"lm_head trained in bf16, Adam mu {mu}, nu in each parameter's dtype"
     )
     header = f"{'inner_dim':>9} {'frozen':>7} {'train':>6} {'grads':>6} {'adam':>6} {'total':>6}"
     print(header + "  GiB   trainable")
