@@ -74,6 +74,33 @@ def _first_difference(a: Any, b: Any, where: str) -> str:
     return f"--config.{where} ({a!r} there, {b!r} now)"
 
 
+class MetricsLog:
+    """Logged metrics to `metrics.jsonl` in the workdir, and to TensorBoard when installed."""
+
+    def __init__(self, workdir: Path):
+        self._file = open(workdir / "metrics.jsonl", "a")  # closed in close()
+        self._tensorboard = None
+        try:
+            import tensorboard  # noqa: F401 (torch's writer needs it)
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            return
+        self._tensorboard = SummaryWriter(str(workdir / "tensorboard"))
+
+    def write(self, record: dict[str, float]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tensorboard is not None:
+            for key, value in record.items():
+                if key != "step":
+                    self._tensorboard.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+
+
 class Trainer:
     """Builds everything for `config` in `workdir`, restoring the latest checkpoint if any."""
 
@@ -200,7 +227,7 @@ class Trainer:
         """
         until = self.total_steps if until is None else until
         c = self.config
-        metrics_file = open(self.workdir / "metrics.jsonl", "a")  # noqa: SIM115
+        log = MetricsLog(self.workdir)
         bar = tqdm(total=until, initial=self.step, desc="training", disable=not self.progress)
         all_finite = jnp.ones((), bool)
         tokens, started = 0, time.perf_counter()
@@ -234,8 +261,7 @@ class Trainer:
                     elapsed = time.perf_counter() - started
                     record = {k: float(v) for k, v in metrics.items()}
                     record.update(step=self.step, tokens_per_s=tokens / max(elapsed, 1e-9))
-                    metrics_file.write(json.dumps(record) + "\n")
-                    metrics_file.flush()
+                    log.write(record)
                     bar.set_postfix(
                         loss=f"{record['loss']:.3f}",
                         lm=f"{record['lm_loss']:.3f}",
@@ -247,7 +273,7 @@ class Trainer:
                     self.save()
         finally:
             bar.close()
-            metrics_file.close()
+            log.close()
         return self.step
 
 
