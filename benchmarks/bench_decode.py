@@ -31,35 +31,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from lisendiff_jax.backbone import BackboneConfig, load_backbone
 from lisendiff_jax.backbone.generate import SamplingParams, generate
 from lisendiff_jax.backbone.model import Decoder
+from lisendiff_jax.backbone.presets import LLAMA_3_1_8B, LLAMA_34M, transformers_kwargs
 
-ROPE = {
-    "rope_type": "llama3",
-    "rope_theta": 500000.0,
-    "factor": 8.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 8192,
-}
-SIZES = {
-    "34m": dict(
-        vocab_size=32000,
-        hidden_size=512,
-        intermediate_size=1376,
-        num_hidden_layers=6,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        tie_word_embeddings=True,
-    ),
-    "8b": dict(
-        vocab_size=128256,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        tie_word_embeddings=False,
-    ),
-}
+SIZES = {"34m": LLAMA_34M, "8b": LLAMA_3_1_8B}
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -74,7 +48,7 @@ def median_seconds(fn, repeats: int) -> float:
 
 def build_models(size: str):
     """(transformers model, our model) on the default device of each framework."""
-    hf = LlamaConfig(**SIZES[size], max_position_embeddings=131072, rope_parameters=ROPE)
+    hf = LlamaConfig(**transformers_kwargs(SIZES[size]))
     torch.manual_seed(0)
     if size == "34m":
         torch_model = LlamaForCausalLM(hf).eval()
@@ -83,7 +57,7 @@ def build_models(size: str):
             return torch_model, load_backbone(folder, dtype="float32")
     with torch.device("cuda"):
         torch_model = LlamaForCausalLM._from_config(hf, dtype=torch.bfloat16).eval()
-    config = BackboneConfig.from_hf_dict(dict(SIZES[size], model_type="llama", rope_scaling=ROPE))
+    config = BackboneConfig.from_hf_dict(SIZES[size])
     ours = nnx.jit(
         lambda: Decoder(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     )()

@@ -30,50 +30,16 @@ from flax import nnx
 
 from lisendiff_jax.backbone import BackboneConfig
 from lisendiff_jax.backbone.model import Decoder
+from lisendiff_jax.backbone.presets import LLAMA_3_1_8B, LLAMA_34M, transformers_kwargs
 from lisendiff_jax.config import paper_config
 from lisendiff_jax.model import LatentStat, LisenDiff
 from lisendiff_jax.train_step import make_optimizer, make_train_step
 from lisendiff_jax.training import _loss
 
-SIZES = {
-    "34m": dict(
-        vocab_size=32000,
-        hidden_size=512,
-        intermediate_size=1376,
-        num_hidden_layers=6,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-    ),
-    "8b": dict(
-        vocab_size=128256,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-    ),
-}
+SIZES = {"34m": LLAMA_34M, "8b": LLAMA_3_1_8B}
 LATENT_DIM = 768
 # Dense bf16 peak of the cards we are lent (H100 / H200 SXM), for MFU.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
-
-
-def hf_config(size: str) -> dict:
-    return dict(
-        SIZES[size],
-        model_type="llama",
-        rms_norm_eps=1e-5,
-        max_position_embeddings=131072,
-        tie_word_embeddings=False,
-        rope_parameters=dict(
-            rope_type="llama3",
-            rope_theta=500000.0,
-            factor=8.0,
-            low_freq_factor=1.0,
-            high_freq_factor=4.0,
-            original_max_position_embeddings=8192,
-        ),
-    )
 
 
 def synthetic_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -109,7 +75,7 @@ def run_ours(args, lisendiff: bool) -> dict:
         m.remat = "none"
         m.cross_attention.last_n_layers = 4
         m.cross_attention.inner_dim = 256
-    bc = BackboneConfig.from_hf_dict(hf_config(args.size))
+    bc = BackboneConfig.from_hf_dict(SIZES[args.size])
 
     @nnx.jit
     def build():
@@ -174,8 +140,7 @@ def run_peft(args) -> dict:
 
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
-    cfg = hf_config(args.size)
-    cfg.pop("model_type")
+    cfg = transformers_kwargs(SIZES[args.size])
     gpu = torch.cuda.is_available()
     if gpu:
         with torch.device("cuda"):

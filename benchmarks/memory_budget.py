@@ -19,45 +19,11 @@ from flax import nnx
 
 from lisendiff_jax.backbone import BackboneConfig
 from lisendiff_jax.backbone.model import Decoder
+from lisendiff_jax.backbone.presets import LLAMA_3_1_8B, QWEN2_7B
 from lisendiff_jax.config import paper_config
 from lisendiff_jax.model import LatentStat, LisenDiff
 
-# config.json of the hub checkpoints (the keys the backbone reads), so no download is needed.
-BACKBONES = {
-    "llama": dict(
-        model_type="llama",
-        vocab_size=128256,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        rms_norm_eps=1e-5,
-        rope_theta=500000.0,
-        rope_scaling=dict(
-            rope_type="llama3",
-            factor=8.0,
-            low_freq_factor=1.0,
-            high_freq_factor=4.0,
-            original_max_position_embeddings=8192,
-        ),
-        max_position_embeddings=131072,
-        tie_word_embeddings=False,
-    ),
-    "qwen": dict(
-        model_type="qwen2",
-        vocab_size=152064,
-        hidden_size=3584,
-        intermediate_size=18944,
-        num_hidden_layers=28,
-        num_attention_heads=28,
-        num_key_value_heads=4,
-        rms_norm_eps=1e-6,
-        rope_theta=1000000.0,
-        max_position_embeddings=131072,
-        tie_word_embeddings=False,
-    ),
-}
+BACKBONES = {"llama": LLAMA_3_1_8B, "qwen": QWEN2_7B}
 GIB = 2**30
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerFast
 
+from lisendiff_jax.backbone.presets import llama3_rope
+
 # Control tokens of a Llama-3-style chat format; the pad token first so it gets id 0.
 PAD_TOKEN = "<|pad|>"
 BOS_TOKEN = "<|begin_of_text|>"
@@ -50,14 +52,7 @@ TINY_MODEL = dict(
     num_key_value_heads=2,
     max_position_embeddings=4096,
     tie_word_embeddings=False,
-    rope_parameters={
-        "rope_type": "llama3",
-        "rope_theta": 500000.0,
-        "factor": 8.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 1024,
-    },
+    rope_parameters=llama3_rope(original_max_position_embeddings=1024),
 )
 
 

@@ -17,6 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from lisendiff_jax.backbone import load_backbone
 from lisendiff_jax.backbone.generate import SamplingParams, generate
+from lisendiff_jax.backbone.presets import llama3_rope
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,14 +35,7 @@ def main(argv: list[str] | None = None) -> None:
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=4096,
-        rope_parameters={
-            "rope_type": "llama3",
-            "rope_theta": 500000.0,
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 1024,
-        },
+        rope_parameters=llama3_rope(original_max_position_embeddings=1024),
     )
     reference = LlamaForCausalLM(config).eval()
     prompt = np.random.RandomState(args.seed).randint(3, config.vocab_size, (2, 12))
