@@ -80,14 +80,14 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load(args: argparse.Namespace, default_workdir: Path | None):
-    from lisendiff_jax.export import is_export, load_exported
-    from lisendiff_jax.restore import RestoreError, load_base, load_workdir
+def _model_folder(args: argparse.Namespace, default_workdir: Path | None) -> Path | None:
+    """The workdir or export folder to load (None: --backbone), checked before any loading."""
+    from lisendiff_jax.restore import RestoreError
 
     if args.backbone:
         if args.workdir:
             raise RestoreError("give --workdir or --backbone, not both")
-        return load_base(args.backbone, args.dtype or "bfloat16")
+        return None
     workdir = Path(args.workdir) if args.workdir else default_workdir
     if workdir is None or not workdir.exists():
         if args.workdir:
@@ -97,9 +97,18 @@ def _load(args: argparse.Namespace, default_workdir: Path | None):
             "first with `python train.py` (a few minutes on a CPU), or pass --workdir DIR "
             "or --backbone HUB_OR_PATH"
         )
-    if is_export(workdir):
-        return load_exported(workdir, args.dtype)
-    return load_workdir(workdir, args.step, args.dtype)
+    return workdir
+
+
+def _load(args: argparse.Namespace, folder: Path | None):
+    from lisendiff_jax.export import is_export, load_exported
+    from lisendiff_jax.restore import load_base, load_workdir
+
+    if folder is None:
+        return load_base(args.backbone, args.dtype or "bfloat16")
+    if is_export(folder):
+        return load_exported(folder, args.dtype)
+    return load_workdir(folder, args.step, args.dtype)
 
 
 def _requests_from_file(path: Path, args: argparse.Namespace) -> Iterator[tuple[dict, Any]]:
@@ -185,6 +194,7 @@ def run(args: argparse.Namespace, default_workdir: Path | None) -> None:
     from lisendiff_jax.inference import InputError, Listener, Options, Request, split_turns
 
     history = [turn for text in args.context for turn in split_turns(text)]
+    folder = _model_folder(args, default_workdir)
     if not (args.chat or args.input):
         if not args.context:
             raise InputError("nothing to answer: give --context TEXT, --input FILE or --chat")
@@ -194,8 +204,10 @@ def run(args: argparse.Namespace, default_workdir: Path | None) -> None:
         raise InputError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
-    model, config, tokenizer = _load(args, default_workdir)
+    model, config, tokenizer = _load(args, folder)
     args.lang = args.lang or config.data.target_lang
+    if args.trace and not model.lisendiff:
+        warnings.warn("no trace: this model has no LisenDiff modules (no latent)", stacklevel=1)
     try:
         options = Options(
             seed=args.seed,

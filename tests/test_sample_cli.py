@@ -106,7 +106,7 @@ def test_bad_input_gives_one_line_errors(tiny_workdir, capsys, tmp_path):  # noq
     assert "empty context" in _one_line_error(capsys, *w, "--context", " ||| ")
     assert "nothing to answer" in _one_line_error(capsys, *w)
     assert "not both" in _one_line_error(capsys, *w, "--backbone", "tiny", "--context", "hi")
-    message = _one_line_error(capsys, "--context", "hi", default_workdir=tmp_path / "nope")
+    message = _one_line_error(capsys, default_workdir=tmp_path / "nope")
     assert "python train.py" in message and "does not exist" in message
     assert "no such workdir" in _one_line_error(
         capsys, "--workdir", str(tmp_path / "x"), "--context", "hi"
