@@ -133,6 +133,41 @@ def test_one_step_changes_only_trainable_parameters(checkpoint, lisendiff):
     assert n_frozen > n_trainable
 
 
+def test_gradient_accumulation_equals_one_big_batch(checkpoint):
+    """Two accumulated micro-batches of 2 make the same update as one batch of 4 (LoRA-only,
+    so no per-example diffusion noise; equal token counts, so the means agree)."""
+    big = {k: jnp.asarray(v) for k, v in random_batch(np.random.RandomState(2), batch=4).items()}
+    halves = [{k: v[:2] for k, v in big.items()}, {k: v[2:] for k, v in big.items()}]
+
+    def train(batches, accum):
+        c, model = build(checkpoint, lisendiff=False)
+        c.grad_accum_steps = accum
+        model.train()
+        graphdef, trainable, stats, rngs, frozen = nnx.split(
+            model, model.trainable_filter(), LatentStat, nnx.RngState, ...
+        )
+        initial = jax.tree.map(np.array, trainable)
+        tx = make_optimizer(c, 10)
+        opt_state = tx.init(trainable)
+        step = make_train_step(tx, lambda *a: _loss(graphdef, *a))
+        for batch in batches:
+            trainable, opt_state, _ = step(
+                trainable, (stats, rngs, frozen), opt_state, batch, jax.random.key(0)
+            )
+        return initial, trainable
+
+    initial, accumulated = train(halves, 2)
+    _, single = train([big], 1)
+    lr = tiny_model_config().learning_rate
+    for a, b in zip(jax.tree.leaves(accumulated), jax.tree.leaves(single), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=0.01 * lr)
+    moved = [
+        not np.array_equal(np.asarray(a), b)
+        for a, b in zip(jax.tree.leaves(accumulated), jax.tree.leaves(initial), strict=True)
+    ]
+    assert sum(moved) >= len(moved) // 2  # the update happened (lora_a waits for lora_b)
+
+
 @pytest.mark.parametrize("remat", ["full", "dots"])
 def test_rematerialisation_changes_memory_not_results(checkpoint, remat):
     _, plain, _, _, _, plain_metrics = _one_step(checkpoint, True)
