@@ -216,7 +216,7 @@ class Listener:
                 warnings.warn(
                     f"context cut to fit {budget} prompt tokens: kept the newest "
                     f"{encoded.kept_turns} of {len(r.context)} turn(s)"
-                    + (", the oldest of them shortened" if encoded.shortened != "none" else ""),
+                    + (", and only the end of that one" if encoded.shortened != "none" else ""),
                     ContextTruncatedWarning,
                     stacklevel=3,
                 )

@@ -107,7 +107,10 @@ def _steps(workdir: Path) -> list[int]:
     manager = ocp.CheckpointManager(
         workdir, options=ocp.CheckpointManagerOptions(read_only=True, create=False)
     )
-    return sorted(manager.all_steps())
+    try:
+        return sorted(manager.all_steps())
+    finally:
+        manager.close()
 
 
 def checkpoint_step(workdir: str | os.PathLike, step: int | None = None) -> Path:

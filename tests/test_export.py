@@ -12,7 +12,7 @@ import pytest
 import torch
 from flax import nnx
 from tiny_workdir import tiny_workdir  # noqa: F401  (a session fixture)
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lisendiff_jax.export import ExportError, export, load_exported
 from lisendiff_jax.inference import Listener, Options, Request
@@ -58,12 +58,15 @@ def test_restore_reads_the_saved_trainable_parameters_and_statistics(tiny_workdi
 
 
 def test_transformers_loads_the_export_and_its_logits_match_ours(tiny_workdir, exported):  # noqa: F811
-    model, _, _ = load_workdir(tiny_workdir, dtype="float32")
+    model, _, tokenizer = load_workdir(tiny_workdir, dtype="float32")
     ours = np.asarray(model.backbone(IDS))  # latents None: the LisenDiff modules are off
     reference = AutoModelForCausalLM.from_pretrained(exported).eval()
     with torch.no_grad():
         theirs = reference(torch.as_tensor(IDS, dtype=torch.long)).logits.numpy()
     np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
+    messages = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"}]
+    render = lambda t: t.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert render(AutoTokenizer.from_pretrained(exported)) == render(tokenizer)
 
 
 def test_peft_adapter_on_the_original_backbone_matches_the_unmerged_model(tiny_workdir, exported):  # noqa: F811
