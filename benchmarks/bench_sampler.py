@@ -20,6 +20,7 @@ import argparse
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -122,7 +123,7 @@ def _default_model():
     from lisendiff_jax.restore import build_model, for_inference, load_tokenizer
     from lisendiff_jax.training import backbone_folder
 
-    config = load_config("configs/tiny.py")
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
     folder = backbone_folder(config.model.backbone)
     dim = make_encoder(config.data.encoder).dim
     model: LisenDiff = for_inference(build_model(folder, config, dim))
