@@ -57,7 +57,7 @@ LOAD_ERRORS: tuple[type[Exception], ...] = (
 
 def read_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     """The run's config from `<workdir>/config.json`."""
-    workdir = Path(workdir)
+    workdir = Path(workdir).absolute()  # orbax takes absolute paths only
     if not workdir.is_dir():
         raise RestoreError(f"{workdir}: no such workdir")
     path = workdir / "config.json"
@@ -115,7 +115,7 @@ def _steps(workdir: Path) -> list[int]:
 
 def checkpoint_step(workdir: str | os.PathLike, step: int | None = None) -> Path:
     """The folder of checkpoint `step` (default: the newest) under `workdir`."""
-    workdir = Path(workdir)
+    workdir = Path(workdir).absolute()  # orbax takes absolute paths only
     steps = _steps(workdir)
     if not steps:
         raise CheckpointNotFoundError(
@@ -179,7 +179,7 @@ def restore_workdir(
 ) -> Loaded:
     """The model of a training run at `step` (default: the newest checkpoint) as it trained:
     adapters unmerged. `load_workdir` is the same, ready for inference."""
-    workdir = Path(workdir)
+    workdir = Path(workdir).absolute()  # orbax takes absolute paths only
     config = read_run_config(workdir)
     step_dir = checkpoint_step(workdir, step)
     state_dir = step_dir / "state"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -11,7 +12,6 @@ import orbax.checkpoint as ocp
 import pytest
 import torch
 from flax import nnx
-from tiny_workdir import tiny_workdir  # noqa: F401  (a session fixture)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lisendiff_jax.export import ExportError, export, load_exported
@@ -36,11 +36,11 @@ def _flat(tree) -> dict[tuple[str, ...], np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_workdir, tmp_path_factory):  # noqa: F811
+def exported(tiny_workdir, tmp_path_factory):
     return export(tiny_workdir, tmp_path_factory.mktemp("export") / "out", peft=True)
 
 
-def test_restore_reads_the_saved_trainable_parameters_and_statistics(tiny_workdir):  # noqa: F811
+def test_restore_reads_the_saved_trainable_parameters_and_statistics(tiny_workdir):
     model, config, _ = restore_workdir(tiny_workdir)
     assert model.lisendiff and config.model.backbone == "tiny"
     saved = ocp.PyTreeCheckpointer().restore(tiny_workdir / "0" / "state")  # everything, as is
@@ -57,7 +57,7 @@ def test_restore_reads_the_saved_trainable_parameters_and_statistics(tiny_workdi
     assert isinstance(q_proj, LoRALinear) and np.abs(q_proj.lora_b[...]).max() > 0
 
 
-def test_transformers_loads_the_export_and_its_logits_match_ours(tiny_workdir, exported):  # noqa: F811
+def test_transformers_loads_the_export_and_its_logits_match_ours(tiny_workdir, exported):
     model, _, tokenizer = load_workdir(tiny_workdir, dtype="float32")
     ours = np.asarray(model.backbone(IDS))  # latents None: the LisenDiff modules are off
     reference = AutoModelForCausalLM.from_pretrained(exported).eval()
@@ -69,7 +69,7 @@ def test_transformers_loads_the_export_and_its_logits_match_ours(tiny_workdir, e
     assert render(AutoTokenizer.from_pretrained(exported)) == render(tokenizer)
 
 
-def test_peft_adapter_on_the_original_backbone_matches_the_unmerged_model(tiny_workdir, exported):  # noqa: F811
+def test_peft_adapter_on_the_original_backbone_matches_the_unmerged_model(tiny_workdir, exported):
     from peft import PeftModel
 
     model, _, _ = restore_workdir(tiny_workdir)
@@ -83,7 +83,7 @@ def test_peft_adapter_on_the_original_backbone_matches_the_unmerged_model(tiny_w
     np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
 
 
-def test_export_then_load_samples_exactly_like_the_workdir(tiny_workdir, exported):  # noqa: F811
+def test_export_then_load_samples_exactly_like_the_workdir(tiny_workdir, exported):
     options = Options(seed=3, max_tokens=8)
     replies = []
     for model, config, tokenizer in (load_workdir(tiny_workdir), load_exported(exported)):
@@ -96,7 +96,7 @@ def test_export_then_load_samples_exactly_like_the_workdir(tiny_workdir, exporte
     assert not any(r.truncated for r in replies[0])
 
 
-def test_export_errors_are_named(tiny_workdir, exported, tmp_path):  # noqa: F811
+def test_export_errors_are_named(tiny_workdir, exported, tmp_path):
     with pytest.raises(ExportError, match="not an empty folder"):
         export(tiny_workdir, exported)
     with pytest.raises(ExportError, match="not a folder written by lisendiff_jax.export"):
@@ -108,3 +108,16 @@ def test_export_errors_are_named(tiny_workdir, exported, tmp_path):  # noqa: F81
     (broken / "lisendiff" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ExportError, match=r"missing \d+ tensor\(s\), e\.g\. denoisers"):
         load_exported(broken)
+
+
+def test_a_relative_workdir_restores(tiny_workdir, monkeypatch):
+    monkeypatch.chdir(tiny_workdir.parent)
+    relative, _, _ = restore_workdir(Path(tiny_workdir.name))
+    absolute, _, _ = restore_workdir(tiny_workdir)
+    pairs = zip(
+        jax.tree.leaves(nnx.state(relative, nnx.Param)),
+        jax.tree.leaves(nnx.state(absolute, nnx.Param)),
+        strict=True,
+    )
+    for a, b in pairs:
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

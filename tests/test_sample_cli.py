@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tiny_workdir import make_tiny_workdir, tiny_workdir  # noqa: F401  (a session fixture)
+from tiny_workdir import make_tiny_workdir
 
 from lisendiff_jax.chat import main
 
@@ -23,7 +23,7 @@ def run_main(capsys, *args: str, default_workdir: Path | None = None):
     return code, out, err
 
 
-def test_sample_py_end_to_end_with_a_trace(tiny_workdir):  # noqa: F811
+def test_sample_py_end_to_end_with_a_trace(tiny_workdir):
     run = subprocess.run(
         [sys.executable, str(ROOT / "sample.py"), "--workdir", str(tiny_workdir), *FAST]
         + ["--context", "I lost my job. ||| Oh no! ||| They closed the office.", "--trace"]
@@ -38,7 +38,7 @@ def test_sample_py_end_to_end_with_a_trace(tiny_workdir):  # noqa: F811
     assert [line.split(":")[0] for line in lines[1:]] == ["  t=2", "  t=1", "  t=0"]
 
 
-def test_json_output_and_a_context_cut_to_fit_with_a_warning(tiny_workdir, capsys):  # noqa: F811
+def test_json_output_and_a_context_cut_to_fit_with_a_warning(tiny_workdir, capsys):
     story = " ||| ".join(f"This is turn number {i} of a long story." for i in range(40))
     code, out, err = run_main(
         capsys,
@@ -55,7 +55,7 @@ def test_json_output_and_a_context_cut_to_fit_with_a_warning(tiny_workdir, capsy
     assert len(err.strip().splitlines()) == 1
 
 
-def test_jsonl_batch_keeps_order_ids_and_per_request_settings(tiny_workdir, capsys, tmp_path):  # noqa: F811
+def test_jsonl_batch_keeps_order_ids_and_per_request_settings(tiny_workdir, capsys, tmp_path):
     requests = [
         {"id": "a", "context": ["My cat is sick.", "I'm sorry.", "She won't eat."]},
         {"context": "Is the train late? ||| Ten minutes.", "style": "default"},
@@ -76,7 +76,7 @@ def test_jsonl_batch_keeps_order_ids_and_per_request_settings(tiny_workdir, caps
     assert all(len(r["latent"][0]) == 512 for r in records)
 
 
-def test_chat_keeps_the_conversation(tiny_workdir, capsys, monkeypatch):  # noqa: F811
+def test_chat_keeps_the_conversation(tiny_workdir, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO("I lost my keys.\n\n/reset\nHello\n/quit\n"))
     code, out, err = run_main(capsys, "--workdir", str(tiny_workdir), "--chat", *FAST)
     assert code == 0, err
@@ -101,7 +101,7 @@ def _one_line_error(capsys, *args: str, default_workdir: Path | None = None) -> 
     return lines[0]
 
 
-def test_bad_input_gives_one_line_errors(tiny_workdir, capsys, tmp_path):  # noqa: F811
+def test_bad_input_gives_one_line_errors(tiny_workdir, capsys, tmp_path):
     w = ["--workdir", str(tiny_workdir)]
     assert "empty context" in _one_line_error(capsys, *w, "--context", " ||| ")
     assert "nothing to answer" in _one_line_error(capsys, *w)
@@ -125,7 +125,7 @@ def test_bad_input_gives_one_line_errors(tiny_workdir, capsys, tmp_path):  # noq
     )
 
 
-def test_broken_workdirs_give_one_line_errors(tiny_workdir, capsys, tmp_path):  # noqa: F811
+def test_broken_workdirs_give_one_line_errors(tiny_workdir, capsys, tmp_path):
     no_config = tmp_path / "no_config"
     no_config.mkdir()
     assert "config.json not found" in _one_line_error(

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from tiny_checkpoints import make_checkpoint
+from tiny_workdir import write_dialogues
 
 from lisendiff_jax.backbone import load_backbone
 from lisendiff_jax.config import load_config
@@ -222,25 +223,6 @@ def test_chunked_nll_equals_full_cross_entropy():
 
 
 # -- the whole loop on the tiny default backbone and a few bundled-style dialogues ----------
-
-
-def write_dialogues(path: Path) -> Path:
-    rows = [
-        ("empathy", ["I lost my job today.", "Oh no, what happened?", "They closed my office."]),
-        ("empathy", ["My cat is sick.", "I'm so sorry.", "The vet says she will be fine."]),
-        ("default", ["What's for dinner?", "Pasta, I think.", "Great, I love pasta."]),
-        ("default", ["Is the train late?", "Ten minutes, they said.", "Then let's get tea."]),
-    ]
-    with open(path, "w") as f:
-        for i, (style, turns) in enumerate(rows):
-            record = {
-                "id": f"d{i}",
-                "lang": "en",
-                "style": style,
-                "turns": [{"speaker": "AB"[j % 2], "text": t} for j, t in enumerate(turns)],
-            }
-            f.write(json.dumps(record) + "\n")
-    return path
 
 
 def loop_config(tmp_path: Path, num_steps: int, checkpoint_every: int):

@@ -1,8 +1,5 @@
-"""One tiny workdir per test session, shared by the sampling and export tests.
-
-Import the fixture into a test module (`from tiny_workdir import tiny_workdir`); pytest then
-builds it once per session, whichever module asks first.
-"""
+"""A tiny workdir for the sampling and export tests (the `tiny_workdir` fixture in conftest.py
+builds one per session), and the four dialogues the training tests use too."""
 
 from __future__ import annotations
 
@@ -11,7 +8,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import pytest
 
 from lisendiff_jax.config import load_config
 from lisendiff_jax.training import Trainer
@@ -25,18 +21,23 @@ DIALOGUES = [
 ]
 
 
+def write_dialogues(path: Path) -> Path:
+    """DIALOGUES in our JSONL format (English, speakers A and B taking turns)."""
+    with open(path, "w") as f:
+        for i, (style, turns) in enumerate(DIALOGUES):
+            speakers = [{"speaker": "AB"[j % 2], "text": t} for j, t in enumerate(turns)]
+            record = {"id": f"d{i}", "lang": "en", "style": style, "turns": speakers}
+            f.write(json.dumps(record) + "\n")
+    return path
+
+
 def make_tiny_workdir(folder: Path, lisendiff: bool = True) -> Path:
     """The embedded default set up on four short dialogues and checkpointed at step 0, with
     every trainable parameter moved by seeded noise instead of by training: LoRA B and the
     cross-attention outputs leave zero, so merging and the latent both matter, and no train
     step has to compile. Returns `folder`."""
     folder.mkdir(parents=True)
-    data = folder.parent / f"{folder.name}-dialogues.jsonl"
-    with open(data, "w") as f:
-        for i, (style, turns) in enumerate(DIALOGUES):
-            speakers = [{"speaker": "AB"[j % 2], "text": t} for j, t in enumerate(turns)]
-            record = {"id": f"d{i}", "lang": "en", "style": style, "turns": speakers}
-            f.write(json.dumps(record) + "\n")
+    data = write_dialogues(folder.parent / f"{folder.name}-dialogues.jsonl")
     c = load_config(ROOT / "configs" / "tiny.py")
     for name in list(c.data.sources):
         del c.data.sources[name]
@@ -50,8 +51,3 @@ def make_tiny_workdir(folder: Path, lisendiff: bool = True) -> Path:
     trainer.save()
     trainer.close()
     return folder
-
-
-@pytest.fixture(scope="session")
-def tiny_workdir(tmp_path_factory) -> Path:
-    return make_tiny_workdir(tmp_path_factory.mktemp("runs") / "tiny")
