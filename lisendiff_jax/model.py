@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from lisendiff_jax.backbone.config import BackboneConfig
 from lisendiff_jax.backbone.model import Decoder
 from lisendiff_jax.cross_attention import attach_cross_attention
 from lisendiff_jax.data.example import STYLES
@@ -68,7 +69,7 @@ class LisenDiff(nnx.Module):
         *,
         rngs: nnx.Rngs,
     ):
-        check_settings(backbone, cfg)
+        check_settings(backbone.config, cfg)
         trainable_dtype = jnp.dtype(cfg.trainable_dtype)
         self.lisendiff = bool(cfg.lisendiff)
         self.latent_dim = latent_dim
@@ -185,9 +186,9 @@ class LisenDiff(nnx.Module):
         return lm_loss + diff_loss, {"lm_loss": lm_loss, "diff_loss": diff_loss}
 
 
-def check_settings(backbone: Decoder, cfg: ml_collections.ConfigDict) -> None:
-    """Errors naming the option, before any parameter is allocated."""
-    bc = backbone.config
+def check_settings(bc: BackboneConfig, cfg: ml_collections.ConfigDict) -> None:
+    """Errors naming the option; needs only the backbone's config, so training calls it
+    before loading any weights."""
     if cfg.train_lm_head and bc.tie_word_embeddings:
         raise ModelSettingsError(
             "--config.model.train_lm_head: this backbone ties its LM head to the input "

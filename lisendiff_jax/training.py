@@ -36,7 +36,7 @@ from lisendiff_jax.data.formatting import encode_examples, system_prompt
 from lisendiff_jax.diffusion import fit_latent_stats
 from lisendiff_jax.encoder import make_encoder
 from lisendiff_jax.encoder_cache import prepare_split
-from lisendiff_jax.model import LatentStat, LisenDiff
+from lisendiff_jax.model import LatentStat, LisenDiff, check_settings
 from lisendiff_jax.tiny import default_cache_root, tiny_backbone_path
 from lisendiff_jax.train_step import make_optimizer, make_train_step
 
@@ -114,7 +114,7 @@ class Trainer:
 
         # Cheap checks first: the backbone's config and tokenizer, then the data.
         folder = backbone_folder(m.backbone)
-        BackboneConfig.from_pretrained(folder)
+        check_settings(BackboneConfig.from_pretrained(folder), m)
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(folder)

@@ -334,14 +334,28 @@ def test_train_py_default_runs_end_to_end_then_ctrl_c_saves(tmp_path):
     assert steps[-1] > 6
 
 
-def test_train_py_bad_option_is_one_line(tmp_path):
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "--config.lr_schedule=exp",
+            "error: --config.lr_schedule: 'exp' is not one of constant, cosine, linear",
+        ),
+        (
+            "--config.model.lora.rnak=4",
+            "error: --config.model.lora.rnak: no such option (did you mean 'model.lora.rank'?)",
+        ),
+        (
+            "--config.model.cross_attention.last_n_layers=9",
+            "error: --config.model.cross_attention.last_n_layers: 9 exceeds the backbone's "
+            "4 layers",
+        ),
+    ],
+)
+def test_train_py_bad_option_is_one_line(tmp_path, override, message):
     run = subprocess.run(
-        _train_cmd(tmp_path / "w", "--config.lr_schedule=exp"),
-        capture_output=True,
-        text=True,
-        timeout=300,
+        _train_cmd(tmp_path / "w", override), capture_output=True, text=True, timeout=300
     )
     assert run.returncode == 1
-    assert run.stderr.strip().splitlines() == [
-        "error: --config.lr_schedule: 'exp' is not one of constant, cosine, linear"
-    ]
+    assert run.stderr.strip().splitlines() == [message]
+    assert not any(p.name.isdigit() for p in (tmp_path / "w").glob("*"))

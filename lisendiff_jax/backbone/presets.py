@@ -48,10 +48,10 @@ QWEN2_7B: dict[str, Any] = {
     "tie_word_embeddings": False,
     "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
 }
-# A ~34M-parameter Llama-3.1 look-alike for CPU benchmarks.
+# A 34M-parameter Llama-3.1 look-alike (untied head) for CPU benchmarks.
 LLAMA_34M: dict[str, Any] = dict(
     LLAMA_3_1_8B,
-    vocab_size=32000,
+    vocab_size=16000,
     hidden_size=512,
     intermediate_size=1376,
     num_hidden_layers=6,
