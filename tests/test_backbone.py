@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -182,42 +181,48 @@ def test_transformers4_rope_keys_read_like_transformers5(pair):
     )
 
 
-def _copy(src, dst):
-    shutil.copytree(src, dst)
-    return dst
-
-
-def test_unsupported_architecture_is_named(tmp_path, pair):
-    folder = _copy(pair[1], tmp_path / "ckpt")
+def edit_config(folder, **changes):
+    """Rewrites the checkpoint's config.json with `changes`, keeping its weights."""
     config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps(dict(config, model_type="gpt2")))
-    with pytest.raises(BackboneConfigError, match=r"config\.json: model_type 'gpt2'"):
-        load_backbone(folder)
+    (folder / "config.json").write_text(json.dumps(dict(config, **changes)))
+    return folder
 
 
-def test_missing_tensor_is_named(tmp_path):
-    make_checkpoint("llama_gqa_llama3", tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps(dict(config, num_hidden_layers=4)))
-    with pytest.raises(CheckpointError, match=r"lacks 9 tensor.*model\.layers\.3\."):
-        load_backbone(tmp_path)
-
-
-def test_mismatched_tensor_is_named(tmp_path):
-    make_checkpoint("qwen2_bias", tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps(dict(config, intermediate_size=100)))
-    with pytest.raises(CheckpointError, match=r"mlp\.\w+_proj\.weight has shape"):
-        load_backbone(tmp_path)
-
-
-def test_unexpected_tensor_is_named(tmp_path):
-    make_checkpoint("qwen2_bias", tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
-    # A Llama config without attention biases cannot place the checkpoint's q/k/v biases.
-    (tmp_path / "config.json").write_text(json.dumps(dict(config, model_type="llama")))
-    with pytest.raises(CheckpointError, match=r"unexpected tensor model\.layers\.\d+\.self_attn"):
-        load_backbone(tmp_path)
+@pytest.mark.parametrize(
+    "kind, changes, error, message",
+    [
+        (
+            "llama_tied",
+            {"model_type": "gpt2"},
+            BackboneConfigError,
+            r"config\.json: model_type 'gpt2'",
+        ),
+        # A fourth layer the checkpoint does not have: its 9 tensors are missing.
+        (
+            "llama_gqa_llama3",
+            {"num_hidden_layers": 4},
+            CheckpointError,
+            r"lacks 9 tensor.*model\.layers\.3\.",
+        ),
+        (
+            "qwen2_bias",
+            {"intermediate_size": 100},
+            CheckpointError,
+            r"mlp\.\w+_proj\.weight has shape",
+        ),
+        # A Llama config without attention biases cannot place the checkpoint's q/k/v biases.
+        (
+            "qwen2_bias",
+            {"model_type": "llama"},
+            CheckpointError,
+            r"unexpected tensor model\.layers\.\d+\.self_attn",
+        ),
+    ],
+)
+def test_checkpoint_that_does_not_fit_its_config_is_named(tmp_path, kind, changes, error, message):
+    make_checkpoint(kind, tmp_path)
+    with pytest.raises(error, match=message):
+        load_backbone(edit_config(tmp_path, **changes))
 
 
 def test_folder_without_safetensors_and_unknown_hub_id(tmp_path):
