@@ -15,23 +15,9 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from lisendiff_jax.backbone import BackboneConfigError, CheckpointError
-from lisendiff_jax.checkpoint import CorruptCheckpointError
 from lisendiff_jax.config import ConfigError, check_key, load_config
-from lisendiff_jax.data import DataError
-from lisendiff_jax.model import ModelSettingsError
-from lisendiff_jax.training import TrainingError, train
-
-# Errors about the user's input or run: one line, no traceback.
-USER_ERRORS = (
-    BackboneConfigError,
-    CheckpointError,
-    ConfigError,
-    CorruptCheckpointError,
-    DataError,
-    ModelSettingsError,
-    TrainingError,
-)
+from lisendiff_jax.errors import UserError
+from lisendiff_jax.training import train
 
 HERE = Path(__file__).resolve().parent
 FLAGS = flags.FLAGS
@@ -62,7 +48,7 @@ def main(argv: list[str]) -> None:
         path = train(config, workdir)
     except KeyboardInterrupt:
         sys.exit(130)
-    except USER_ERRORS as err:
+    except UserError as err:
         sys.exit(f"error: {err}")
     print(f"\ncheckpoint: {path}")
     print(f"next: python sample.py --workdir {workdir} --context 'I failed my exam today.'")

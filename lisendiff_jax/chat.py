@@ -34,16 +34,7 @@ from typing import Any, TextIO
 
 from lisendiff_jax.data.example import STYLES
 from lisendiff_jax.data.formatting import SYSTEM_PROMPTS
-
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    """Errors about the user's input or files: reported as one line, no traceback. Imported
-    here, not at the top, so that --help answers without loading JAX."""
-    from lisendiff_jax.export import ExportError
-    from lisendiff_jax.inference import InputError
-    from lisendiff_jax.restore import LOAD_ERRORS
-
-    return (*LOAD_ERRORS, ExportError, InputError)
+from lisendiff_jax.errors import UserError
 
 
 def parser() -> argparse.ArgumentParser:
@@ -259,7 +250,6 @@ def main(argv: Sequence[str] | None = None, default_workdir: Path | None = None)
     from absl import logging
 
     logging.set_verbosity(logging.ERROR)  # orbax logs at INFO and WARNING while restoring
-    errors = _user_errors()
 
     def one_line_warning(message, category, *rest, **kwargs):
         print(f"warning: {message}", file=sys.stderr)
@@ -268,7 +258,7 @@ def main(argv: Sequence[str] | None = None, default_workdir: Path | None = None)
         warnings.showwarning = one_line_warning
         try:
             run(args, default_workdir)
-        except errors as err:
+        except UserError as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:

@@ -15,12 +15,14 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from lisendiff_jax.errors import UserError
 
-class CheckpointNotFoundError(FileNotFoundError):
+
+class CheckpointNotFoundError(UserError, FileNotFoundError):
     """The workdir holds no complete checkpoint."""
 
 
-class CorruptCheckpointError(ValueError):
+class CorruptCheckpointError(UserError, ValueError):
     """A step folder exists but cannot be read back."""
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import ml_collections
 
 from lisendiff_jax.data.readers import FORMATS
+from lisendiff_jax.errors import UserError
 
 SCHEDULES = ("constant", "cosine", "linear")
 REMAT_POLICIES = ("none", "full", "dots")
@@ -26,7 +27,7 @@ TARGET_LANGS = ("zh", "yue", "en", "ja")
 TINY_BACKBONE = "tiny"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value that cannot work; the message names the option."""
 
 

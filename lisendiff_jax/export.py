@@ -38,10 +38,10 @@ import numpy as np
 from flax import nnx
 
 from lisendiff_jax.backbone.loading import path_to_hf_key, read_safetensors
+from lisendiff_jax.errors import UserError
 from lisendiff_jax.lora import LORA_TARGETS, LoRALinear
 from lisendiff_jax.model import TRAINABLE_MODULES, LatentStat, LisenDiff
 from lisendiff_jax.restore import (
-    LOAD_ERRORS,
     Loaded,
     build_model,
     checkpoint_step,
@@ -67,7 +67,7 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """An export folder that cannot be written or read; the message names the file."""
 
 
@@ -280,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.set_verbosity(logging.ERROR)  # orbax logs at INFO and WARNING while restoring
     try:
         out = export(args.workdir, args.out, args.step, args.peft)
-    except (*LOAD_ERRORS, ExportError) as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"exported {args.workdir} to {out}")

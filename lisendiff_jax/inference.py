@@ -37,6 +37,7 @@ from lisendiff_jax.backbone.generate import SamplingParams, decode
 from lisendiff_jax.data.example import STYLES
 from lisendiff_jax.data.formatting import encode_chat, system_prompt
 from lisendiff_jax.encoder import Encoder, make_encoder
+from lisendiff_jax.errors import UserError
 from lisendiff_jax.model import LisenDiff
 from lisendiff_jax.sampler import Plan, SamplerName, make_plan, sample
 
@@ -44,7 +45,7 @@ PAD_MULTIPLE = 32
 LATENT_SET_SIZE = 1  # the encoder cache gives one pooled vector per response (L = 1)
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """A request the model cannot answer; the message says what to change."""
 
 

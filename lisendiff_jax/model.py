@@ -29,6 +29,7 @@ from lisendiff_jax.diffusion import (
     standardise,
     x0_loss,
 )
+from lisendiff_jax.errors import UserError
 from lisendiff_jax.lora import apply_lora
 from lisendiff_jax.summary import StyleSummary
 from lisendiff_jax.train_step import token_nll
@@ -41,7 +42,7 @@ class LatentStat(nnx.Variable):
     """Latent standardisation statistics: model state that is saved but never trained."""
 
 
-class ModelSettingsError(ValueError):
+class ModelSettingsError(UserError, ValueError):
     """Settings the chosen backbone cannot take; the message names the option."""
 
 

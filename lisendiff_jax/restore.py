@@ -28,31 +28,20 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from lisendiff_jax.backbone import BackboneConfigError, CheckpointError, load_backbone
+from lisendiff_jax.backbone import load_backbone
 from lisendiff_jax.checkpoint import CheckpointNotFoundError, CorruptCheckpointError
 from lisendiff_jax.config import base_config
+from lisendiff_jax.errors import UserError
 from lisendiff_jax.lora import merge_lora
-from lisendiff_jax.model import LatentStat, LisenDiff, ModelSettingsError
+from lisendiff_jax.model import LatentStat, LisenDiff
 from lisendiff_jax.training import backbone_folder
 
 _FAILED_READS_GRACE_S = 0.5
 Loaded = tuple[LisenDiff, ml_collections.ConfigDict, PreTrainedTokenizerBase]
 
 
-class RestoreError(ValueError):
+class RestoreError(UserError, ValueError):
     """A folder that does not hold what a model needs; the message names the file."""
-
-
-# What loading a model can raise about the user's folders and settings: command lines report
-# these as one line.
-LOAD_ERRORS: tuple[type[Exception], ...] = (
-    BackboneConfigError,
-    CheckpointError,
-    CheckpointNotFoundError,
-    CorruptCheckpointError,
-    ModelSettingsError,
-    RestoreError,
-)
 
 
 def read_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:

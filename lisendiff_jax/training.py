@@ -36,12 +36,13 @@ from lisendiff_jax.data.formatting import encode_examples, system_prompt
 from lisendiff_jax.diffusion import fit_latent_stats
 from lisendiff_jax.encoder import make_encoder
 from lisendiff_jax.encoder_cache import prepare_split
+from lisendiff_jax.errors import UserError
 from lisendiff_jax.model import LatentStat, LisenDiff, check_settings
 from lisendiff_jax.tiny import default_cache_root, tiny_backbone_path
 from lisendiff_jax.train_step import make_optimizer, make_train_step
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """Training cannot go on (non-finite loss, incompatible workdir); nothing good is lost."""
 
 

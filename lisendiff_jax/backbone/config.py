@@ -12,11 +12,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lisendiff_jax.errors import UserError
+
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
-class BackboneConfigError(ValueError):
+class BackboneConfigError(UserError, ValueError):
     """A checkpoint whose config this backbone cannot represent."""
 
 

@@ -21,9 +21,10 @@ from flax import nnx
 
 from lisendiff_jax.backbone.config import BackboneConfig
 from lisendiff_jax.backbone.model import Decoder
+from lisendiff_jax.errors import UserError
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that does not match the architecture its config describes."""
 
 

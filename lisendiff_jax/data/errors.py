@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 
+from lisendiff_jax.errors import UserError
+
 ON_ERROR = ("raise", "skip")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A corpus file, row or setting that cannot be read; the message names where."""
 
 
