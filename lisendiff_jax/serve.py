@@ -1,0 +1,279 @@
+"""An OpenAI-compatible chat endpoint on localhost for a trained model.
+
+    python -m lisendiff_jax.serve --workdir DIR [--host 127.0.0.1 --port 8000]
+    python -m lisendiff_jax.serve --workdir EXPORT_FOLDER
+    python -m lisendiff_jax.serve --backbone tiny            # the BaseLLM baseline
+
+Routes: `POST /v1/chat/completions` and `GET /v1/models`, so any chat client (the `openai`
+package, the evaluation in `lisendiff_jax.evaluation`) can talk to the model.
+
+How a chat maps to the model's context: the user and assistant messages, oldest first, become
+the context turns (`inference.Request.context`); the last one must be the user's. A system
+message is accepted and ignored: the model always answers with the system prompt of its
+target language, the one it was trained with. Honoured: `temperature` (0 = greedy), `top_p`,
+`max_tokens` (or `max_completion_tokens`), `seed`; extra fields `style` ("empathy" or
+"default") and `lang` (e.g. "zh", "yue"; default: the run's target language). `n` must be 1
+and `stream` false. `finish_reason` is always "stop" and no token usage is reported.
+
+Bad requests (invalid JSON, unknown roles, no messages, an oversize body, values out of range,
+another model's name) get a 4xx answer with an OpenAI-style error object; a failure inside the
+model answers 500 and the server keeps serving. Requests are handled on threads and the model
+runs one request at a time behind a lock: a request's reply then depends only on its own
+messages and seed (a batch's would depend on its neighbours, see `Listener.reply`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Sequence
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+MAX_BODY_BYTES = 1 << 20
+ROLES = ("system", "user", "assistant")
+
+
+class RequestError(ValueError):
+    """A request the server refuses; `status` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None):
+        super().__init__(message)
+        self.status, self.param = status, param
+
+
+def _text(content: Any, index: int) -> str:
+    """A message's text: a string, or OpenAI's list of {"type": "text", "text": ...} parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+        for p in content
+    ):
+        return "".join(p["text"] for p in content)
+    raise RequestError(
+        "content must be a string or a list of text parts", param=f"messages[{index}].content"
+    )
+
+
+def _number(body: dict, name: str, default: float, low: float, high: float) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise RequestError(f"{name} must be a number in [{low}, {high}]", param=name)
+    return value
+
+
+def parse_chat(body: Any, model_name: str, default_lang: str) -> tuple[Any, Any]:
+    """The (inference.Request, inference.Options) of a chat completion body; RequestError if
+    the body is not one this server can answer."""
+    from lisendiff_jax.inference import InputError, Options, Request
+
+    if not isinstance(body, dict):
+        raise RequestError("the body must be a JSON object")
+    if body.get("model") not in (None, model_name):
+        raise RequestError(
+            f"model {body.get('model')!r} not served here; this server serves {model_name!r}",
+            status=404,
+            param="model",
+        )
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("messages must be a non-empty list", param="messages")
+    turns, roles = [], []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise RequestError(
+                f"messages[{i}].role must be one of {', '.join(ROLES)}", param=f"messages[{i}]"
+            )
+        text = _text(message.get("content"), i)
+        if message["role"] != "system":
+            turns.append(text)
+            roles.append(message["role"])
+    if not roles or roles[-1] != "user":
+        raise RequestError("the last non-system message must be the user's", param="messages")
+    if body.get("stream"):
+        raise RequestError("stream is not supported", param="stream")
+    if body.get("n", 1) != 1:
+        raise RequestError("n must be 1", param="n")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    seed = body.get("seed")
+    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+        raise RequestError("max_tokens must be a positive integer", param="max_tokens")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise RequestError("seed must be an integer", param="seed")
+    options = Options(
+        seed=seed or 0,
+        temperature=_number(body, "temperature", Options.temperature, 0.0, 2.0),
+        top_p=_number(body, "top_p", Options.top_p, 0.0, 1.0),
+        max_tokens=max_tokens or Options.max_tokens,
+    )
+    try:
+        request = Request(
+            tuple(turns), body.get("style", "empathy"), body.get("lang", default_lang)
+        )
+    except InputError as err:
+        raise RequestError(str(err)) from None
+    return request, options
+
+
+class ChatServer(ThreadingHTTPServer):
+    """A threaded HTTP server around one `inference.Listener`."""
+
+    daemon_threads = True
+    request_queue_size = 512  # the default backlog of 5 drops bursts of concurrent clients
+
+    def __init__(self, address: tuple[str, int], listener: Any, model_name: str):
+        super().__init__(address, _Handler)
+        self.listener, self.model_name = listener, model_name
+        self.default_lang = listener.config.data.target_lang
+        self.model_lock = threading.Lock()
+        self.created = int(time.time())
+
+    def complete(self, body: Any) -> dict:
+        """The chat completion object answering `body`."""
+        request, options = parse_chat(body, self.model_name, self.default_lang)
+        try:
+            self.listener.prepare(options)  # settings out of range are the client's fault
+        except ValueError as err:
+            raise RequestError(str(err)) from None
+        with self.model_lock:
+            reply = self.listener.reply([request], options)[0]
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self.model_name,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": reply.text},
+                    "finish_reason": "stop",
+                }
+            ],
+        }
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: ChatServer
+    protocol_version = "HTTP/1.1"  # keep-alive: clients reuse their connections
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # one line per request would drown the console under load
+
+    def _send(self, status: int, payload: dict) -> None:
+        data = json.dumps(payload, ensure_ascii=False).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _error(self, status: int, message: str, param: str | None = None) -> None:
+        kind = "server_error" if status >= 500 else "invalid_request_error"
+        error = {"message": message, "type": kind, "param": param, "code": None}
+        self._send(status, {"error": error})
+
+    def do_GET(self) -> None:
+        if self.path.rstrip("/") != "/v1/models":
+            self._error(HTTPStatus.NOT_FOUND, f"no route GET {self.path}")
+            return
+        model = {
+            "id": self.server.model_name,
+            "object": "model",
+            "created": self.server.created,
+            "owned_by": "lisendiff-jax",
+        }
+        self._send(HTTPStatus.OK, {"object": "list", "data": [model]})
+
+    def do_POST(self) -> None:
+        if self.path.rstrip("/") != "/v1/chat/completions":
+            self.close_connection = True  # the unread body would corrupt the next request
+            self._error(HTTPStatus.NOT_FOUND, f"no route POST {self.path}")
+            return
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            self.close_connection = True
+            self._error(HTTPStatus.LENGTH_REQUIRED, "a Content-Length header is required")
+            return
+        if length > MAX_BODY_BYTES:
+            self.close_connection = True
+            self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {MAX_BODY_BYTES} bytes")
+            return
+        try:
+            body = json.loads(self.rfile.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            self._error(HTTPStatus.BAD_REQUEST, f"the body is not valid JSON: {err}")
+            return
+        try:
+            self._send(HTTPStatus.OK, self.server.complete(body))
+        except RequestError as err:
+            self._error(err.status, str(err), err.param)
+        except Exception as err:  # the model failed: answer, log, and keep serving
+            traceback.print_exc(file=sys.stderr)
+            self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"model error: {type(err).__name__}")
+
+
+def make_server(listener: Any, model_name: str, host: str = "127.0.0.1", port: int = 0):
+    """A bound, not yet serving `ChatServer`; port 0 picks a free port (`server.server_port`).
+    Call `serve_forever()` (e.g. on a background thread) and `shutdown()` to stop."""
+    return ChatServer((host, port), listener, model_name)
+
+
+def serve(model: Any, config: Any, tokenizer: Any, model_name: str, host: str, port: int) -> None:
+    """Serves a loaded (model, config, tokenizer) until interrupted."""
+    from lisendiff_jax.inference import Listener
+
+    server = make_server(Listener(model, config, tokenizer), model_name, host, port)
+    print(f"serving {model_name!r} on http://{host}:{server.server_port}/v1", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m lisendiff_jax.serve",
+        description="Serve a trained model as an OpenAI-compatible chat endpoint.",
+    )
+    p.add_argument("--workdir", help="training workdir or exported folder")
+    p.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
+    p.add_argument("--backbone", help="serve an untrained backbone (hub id or folder)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="backbone dtype")
+    p.add_argument("--model-name", help="the served model's name (default: the folder's)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    args = p.parse_args(argv)
+    if bool(args.workdir) == bool(args.backbone):
+        p.error("give exactly one of --workdir and --backbone")
+    from absl import logging
+
+    from lisendiff_jax.chat import _load, _user_errors
+
+    logging.set_verbosity(logging.ERROR)  # orbax logs at INFO and WARNING while restoring
+    folder = Path(args.workdir) if args.workdir else None
+    try:
+        model, config, tokenizer = _load(args, folder)
+    except _user_errors() as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    name = args.model_name or (folder.absolute().name if folder else args.backbone)
+    try:
+        serve(model, config, tokenizer, name, args.host, args.port)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

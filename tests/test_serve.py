@@ -1,0 +1,117 @@
+"""The OpenAI-compatible server over loopback, with the real `openai` client."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import http.client
+import json
+import threading
+import time
+
+import openai
+import pytest
+
+from lisendiff_jax.inference import Listener
+from lisendiff_jax.restore import load_workdir
+from lisendiff_jax.serve import make_server
+
+MODEL = "tiny"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_workdir):
+    model, config, tokenizer = load_workdir(tiny_workdir, dtype="float32")
+    server = make_server(Listener(model, config, tokenizer), MODEL)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def client(server, **kwargs) -> openai.OpenAI:
+    url = f"http://127.0.0.1:{server.server_port}/v1"
+    return openai.OpenAI(base_url=url, api_key="unused", max_retries=0, **kwargs)
+
+
+def post(server, body: bytes, headers: dict | None = None) -> tuple[int, dict]:
+    conn = http.client.HTTPConnection("127.0.0.1", server.server_port, timeout=30)
+    conn.request("POST", "/v1/chat/completions", body, headers or {})
+    response = conn.getresponse()
+    status, payload = response.status, json.loads(response.read())
+    conn.close()
+    return status, payload
+
+
+CHAT = [
+    {"role": "system", "content": "ignored"},
+    {"role": "user", "content": "I lost my job today."},
+    {"role": "assistant", "content": "Oh no, what happened?"},
+    {"role": "user", "content": "They closed my office."},
+]
+
+
+def test_models_and_a_seeded_completion(server):
+    c = client(server)
+    assert [m.id for m in c.models.list()] == [MODEL]
+    ask = lambda seed: c.chat.completions.create(
+        model=MODEL,
+        messages=CHAT,
+        temperature=0.9,
+        top_p=0.95,
+        max_tokens=8,
+        seed=seed,
+        extra_body={"style": "default", "lang": "yue"},
+    )
+    first = ask(3)
+    assert first.choices[0].message.role == "assistant"
+    assert isinstance(first.choices[0].message.content, str)
+    assert ask(3).choices[0].message.content == first.choices[0].message.content
+
+
+@pytest.mark.parametrize(
+    "body, status, words",
+    [
+        (b"{not json", 400, "not valid JSON"),
+        (b"[]", 400, "JSON object"),
+        (b"{}", 400, "messages"),
+        (json.dumps({"messages": [{"role": "robot", "content": "hi"}]}).encode(), 400, "role"),
+        (json.dumps({"messages": [{"role": "assistant", "content": "hi"}]}).encode(), 400, "last"),
+        (json.dumps({"messages": CHAT, "temperature": 7}).encode(), 400, "temperature"),
+        (json.dumps({"messages": CHAT, "style": "angry"}).encode(), 400, "style"),
+        (json.dumps({"messages": CHAT, "max_tokens": 10**6}).encode(), 400, "max tokens"),
+        (json.dumps({"messages": CHAT, "model": "gpt-9"}).encode(), 404, "not served"),
+        (b" " * (2 << 20), 413, "body over"),
+    ],
+)
+def test_bad_requests_get_openai_errors(server, body, status, words):
+    code, payload = post(server, body)
+    assert code == status
+    assert words in payload["error"]["message"]
+    assert payload["error"]["type"] == "invalid_request_error"
+
+
+def test_a_model_error_answers_500_and_the_server_lives_on(server, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(server.listener, "reply", broken)
+    with pytest.raises(openai.InternalServerError):
+        client(server).chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4)
+    monkeypatch.undo()
+    assert client(server).chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4)
+
+
+def test_concurrent_requests_all_answered(server):
+    n = 200
+    c = client(server, timeout=120)
+    ask = lambda i: c.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": f"Hello {i}"}], max_tokens=4, seed=i
+    )
+    ask(0)  # compile outside the timed part
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(64) as pool:
+        replies = list(pool.map(ask, range(n)))
+    seconds = time.perf_counter() - start
+    assert len({r.id for r in replies}) == n
+    print(f"{n} concurrent requests in {seconds:.1f}s: {n / seconds:.1f} requests/s")
