@@ -1,0 +1,277 @@
+"""An LLM judge: ratings of one listener's conversations, and A/B comparisons of two listeners
+on the same situations (the paper's section 4.6 and appendix C, in our own wording).
+
+Judge replies are parsed leniently: a JSON object anywhere in the reply, or else lines such
+as "Empathy: 7/10" or "**inquiring** - B". A reply that gives no valid answer for every
+metric is asked again (with another seed) up to `attempts` times and then reported as a
+failure with the last reply; it never counts as a score.
+
+A/B: each pair is judged twice, once in each order, so that a judge's liking for the first
+(or second) position cancels out; a metric counts as a win only when both orders pick the
+same system, and anything else (a tie in either order, or the two orders disagreeing) is a
+tie.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, TypeVar
+
+from lisendiff_jax.evaluation.client import Chat
+
+# metric: (what it measures, low 0-3, moderate 4-6, high 7-10)
+METRICS: Mapping[str, tuple[str, str, str, str]] = {
+    "empathy": (
+        "how well the listener grasps and shares what the speaker feels",
+        "misses or brushes past the speaker's feelings",
+        "acknowledges the feelings in general terms",
+        "names the feelings precisely and makes the speaker feel understood",
+    ),
+    "emotional": (
+        "the warmth, care and concern the listener expresses",
+        "cold, flat or mechanical",
+        "polite and kind but generic",
+        "clearly warm and caring, in words fitted to this speaker",
+    ),
+    "suggesting": (
+        "whether the listener offers useful ideas or next steps where they help",
+        "no suggestion, or unhelpful or pushy ones",
+        "some sensible but generic advice",
+        "concrete, fitting suggestions offered gently",
+    ),
+    "inquiring": (
+        "whether the listener asks questions that help the speaker open up",
+        "asks nothing, or irrelevant questions",
+        "asks a general question or two",
+        "asks specific, caring questions that invite the speaker to say more",
+    ),
+    "interpreting": (
+        "whether the listener reflects the speaker's experience back in its own words",
+        "repeats or misreads what was said",
+        "paraphrases the surface of what was said",
+        "shows it understood what the experience means to the speaker",
+    ),
+    "engaged": (
+        "whether the listener stays with the speaker and keeps the conversation going",
+        "off topic, curt or ends the exchange",
+        "stays on topic but without much involvement",
+        "attentive throughout, building on each of the speaker's turns",
+    ),
+    "insightful": (
+        "whether the listener brings a helpful perspective the speaker had not voiced",
+        "nothing beyond what the speaker said",
+        "a common-sense remark",
+        "a fresh, thoughtful view that helps the speaker see the situation anew",
+    ),
+}
+Verdict = Literal["A", "B", "tie"]
+Outcome = Literal["win", "lose", "tie"]
+T = TypeVar("T")
+
+
+class JudgeParseError(ValueError):
+    """A judge reply that does not answer every metric."""
+
+
+class JudgeFailure(RuntimeError):
+    """No parseable reply after every attempt; `reply` is the last one."""
+
+    def __init__(self, message: str, reply: str):
+        super().__init__(message)
+        self.reply = reply
+
+
+def _rubric() -> str:
+    return "\n".join(
+        f"- {name}: {what}. Low (0-3): {low}. Moderate (4-6): {mid}. High (7-10): {high}."
+        for name, (what, low, mid, high) in METRICS.items()
+    )
+
+
+def render(transcript: Sequence[dict]) -> str:
+    return "\n".join(f"{t['role'].capitalize()}: {t['text']}" for t in transcript)
+
+
+def rating_messages(transcript: Sequence[dict]) -> list[dict]:
+    system = (
+        "You evaluate a listener's replies in a conversation with a person who shares an "
+        "emotional experience. Judge only the listener, on these metrics:\n"
+        + _rubric()
+        + "\nAnswer with one JSON object mapping every metric to an integer from 0 to 10, "
+        'e.g. {"empathy": 6, ...}, and nothing else.'
+    )
+    return [
+        {"role": "system", "content": system},
+        {"role": "user", "content": "Conversation:\n" + render(transcript)},
+    ]
+
+
+def comparison_messages(a: Sequence[dict], b: Sequence[dict]) -> list[dict]:
+    system = (
+        "You compare two listeners, A and B, each talking with a person who shares the same "
+        "emotional experience. For every metric below, say which listener does better, or "
+        "tie:\n"
+        + _rubric()
+        + '\nAnswer with one JSON object mapping every metric to "A", "B" or "tie", and '
+        "nothing else."
+    )
+    user = f"Conversation A:\n{render(a)}\n\nConversation B:\n{render(b)}"
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+
+def _json_objects(text: str) -> list[dict]:
+    """Every JSON object embedded in `text` (e.g. inside a ```json fence or after prose)."""
+    decoder, found = json.JSONDecoder(), []
+    for match in re.finditer(r"\{", text):
+        try:
+            value, _ = decoder.raw_decode(text, match.start())
+        except json.JSONDecodeError:
+            continue
+        if isinstance(value, dict):
+            found.append({str(k).strip().lower(): v for k, v in value.items()})
+    return found
+
+
+def _parse(text: str, value: Callable[[Any], T | None], pattern: str) -> dict[str, T]:
+    """Every metric's value from the first JSON object that has them all, else from text lines
+    "<metric> <separators> <value>"; `value` turns a raw answer into a valid one or None."""
+    for obj in _json_objects(text):
+        values = {m: value(obj.get(m)) for m in METRICS}
+        if all(v is not None for v in values.values()):
+            return values  # type: ignore[return-value]
+    values, missing = {}, []
+    for metric in METRICS:
+        match = re.search(rf"\b{metric}\b[\W_]{{0,6}}{pattern}", text, re.IGNORECASE)
+        parsed = value(match.group(1)) if match else None
+        if parsed is None:
+            missing.append(metric)
+        values[metric] = parsed
+    if missing:
+        raise JudgeParseError(f"no valid answer for {', '.join(missing)}")
+    return values
+
+
+def _score(raw: Any) -> float | None:
+    if isinstance(raw, dict):  # {"score": 7, "reason": ...}
+        raw = raw.get("score")
+    if isinstance(raw, bool):
+        return None
+    try:
+        score = float(raw)
+    except (TypeError, ValueError):
+        return None
+    return score if 0 <= score <= 10 else None
+
+
+def _verdict(raw: Any) -> Verdict | None:
+    if not isinstance(raw, str):
+        return None
+    word = raw.strip().strip("*\"'.").lower()
+    return {"a": "A", "b": "B", "tie": "tie", "equal": "tie", "draw": "tie"}.get(word)
+
+
+def parse_ratings(text: str) -> dict[str, float]:
+    """A 0-10 score per metric from a judge reply; JudgeParseError if any is missing."""
+    return _parse(text, _score, r"(\d+(?:\.\d+)?)(?:\s*/\s*10)?")
+
+
+def parse_verdicts(text: str) -> dict[str, Verdict]:
+    """ "A", "B" or "tie" per metric from a judge reply; JudgeParseError if any is missing."""
+    return _parse(text, _verdict, r"(A|B|tie|equal|draw)\b")
+
+
+def ask(
+    judge: Chat,
+    messages: list[dict],
+    parse: Callable[[str], T],
+    attempts: int = 3,
+    sampling: Mapping[str, Any] = {},
+) -> T:
+    """The parsed reply of `judge`, asking again with seed 0, 1, ... while it cannot be parsed;
+    JudgeFailure with the last reply after `attempts` tries."""
+    if attempts < 1:
+        raise ValueError(f"attempts must be >= 1, got {attempts}")
+    reply = ""
+    for attempt in range(attempts):
+        reply = judge.complete(messages, **{**sampling, "seed": attempt})
+        try:
+            return parse(reply)
+        except JudgeParseError as err:
+            error = err
+    raise JudgeFailure(f"unparseable after {attempts} attempt(s): {error}", reply)
+
+
+def combine(first: Mapping[str, Verdict], second: Mapping[str, Verdict]) -> dict[str, Outcome]:
+    """X's outcome per metric, from `first` (X shown as A) and `second` (X shown as B): a win
+    or a loss needs both orders to agree; everything else is a tie."""
+    outcomes: dict[str, Outcome] = {}
+    for metric in METRICS:
+        pair = (first[metric], second[metric])
+        outcomes[metric] = "win" if pair == ("A", "B") else "lose" if pair == ("B", "A") else "tie"
+    return outcomes
+
+
+def _run_all(jobs: Mapping[str, Callable[[], dict]], workers: int) -> tuple[list, list]:
+    """Runs `jobs` (named by situation id) concurrently: (results, failures). A failure record
+    holds the id, the error and, for a judge that never gave a parseable reply, that reply."""
+    results, failures = [], []
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        futures = {pool.submit(job): name for name, job in jobs.items()}
+        for future in concurrent.futures.as_completed(futures):
+            err = future.exception()
+            if err is None:
+                results.append(future.result())
+            else:
+                failure = {"id": futures[future], "error": str(err) or repr(err)}
+                if isinstance(err, JudgeFailure):
+                    failure["reply"] = err.reply
+                failures.append(failure)
+    key = lambda r: r["id"]
+    return sorted(results, key=key), sorted(failures, key=key)
+
+
+def rate(
+    transcripts: Sequence[dict], judge: Chat, workers: int = 4, attempts: int = 3
+) -> tuple[list[dict], list[dict]]:
+    """(ratings, failures) of one system's transcripts; a rating record holds id, system,
+    lang and the metric scores."""
+
+    def job(t: dict) -> Callable[[], dict]:
+        def run() -> dict:
+            scores = ask(judge, rating_messages(t["turns"]), parse_ratings, attempts)
+            return {"id": t["id"], "system": t["system"], "lang": t["lang"], "scores": scores}
+
+        return run
+
+    return _run_all({t["id"]: job(t) for t in transcripts}, workers)
+
+
+def compare(
+    x: Sequence[dict], y: Sequence[dict], judge: Chat, workers: int = 4, attempts: int = 3
+) -> tuple[list[dict], list[dict]]:
+    """(outcomes, failures) of system x against system y on the situations both have; an
+    outcome record holds id, lang, the two systems and X's win/lose/tie per metric."""
+    ys = {t["id"]: t for t in y}
+
+    def job(tx: dict, ty: dict) -> Callable[[], dict]:
+        def run() -> dict:
+            first = ask(
+                judge, comparison_messages(tx["turns"], ty["turns"]), parse_verdicts, attempts
+            )
+            second = ask(
+                judge, comparison_messages(ty["turns"], tx["turns"]), parse_verdicts, attempts
+            )
+            return {
+                "id": tx["id"],
+                "lang": tx["lang"],
+                "x": tx["system"],
+                "y": ty["system"],
+                "outcomes": combine(first, second),
+            }
+
+        return run
+
+    return _run_all({t["id"]: job(t, ys[t["id"]]) for t in x if t["id"] in ys}, workers)
