@@ -32,9 +32,8 @@ from lisendiff_jax.backbone import BackboneConfig
 from lisendiff_jax.backbone.model import Decoder
 from lisendiff_jax.backbone.presets import LLAMA_3_1_8B, LLAMA_34M, transformers_kwargs
 from lisendiff_jax.config import paper_config
-from lisendiff_jax.model import LatentStat, LisenDiff
+from lisendiff_jax.model import LisenDiff, split_for_training, training_loss
 from lisendiff_jax.train_step import make_optimizer, make_train_step
-from lisendiff_jax.training import _loss
 
 SIZES = {"34m": LLAMA_34M, "8b": LLAMA_3_1_8B}
 LATENT_DIM = 768
@@ -89,14 +88,11 @@ def run_ours(args, lisendiff: bool) -> dict:
 
     model = build()
     model.backbone.remat = m.remat
-    model.train()
-    graphdef, trainable, stats, rngs, frozen = nnx.split(
-        model, model.trainable_filter(), LatentStat, nnx.RngState, ...
-    )
+    graphdef, trainable, frozen = split_for_training(model)
     del model
     tx = make_optimizer(config, 1000)
     opt_state = tx.init(trainable)
-    step = make_train_step(tx, functools.partial(_loss, graphdef))
+    step = make_train_step(tx, functools.partial(training_loss, graphdef))
     batch = {
         k: jnp.asarray(v) for k, v in synthetic_batch(args.batch, args.seq, bc.vocab_size).items()
     }
@@ -104,7 +100,7 @@ def run_ours(args, lisendiff: bool) -> dict:
 
     def one_step(i: int) -> None:
         state["trainable"], state["opt"], metrics = step(
-            state["trainable"], (stats, rngs, frozen), state["opt"], batch, jax.random.key(i)
+            state["trainable"], frozen, state["opt"], batch, jax.random.key(i)
         )
         jax.block_until_ready(metrics["loss"])
 

@@ -9,6 +9,7 @@ the cross-attention (L_LM) and its standardised form to the diffusion loss (L_di
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import chex
 import jax
@@ -185,6 +186,47 @@ class LisenDiff(nnx.Module):
             mask=batch["row_mask"].astype(bool),
         )
         return lm_loss + diff_loss, {"lm_loss": lm_loss, "diff_loss": diff_loss}
+
+
+class TrainingSplit(NamedTuple):
+    """A model taken apart for a jitted train step (see `training_loss`)."""
+
+    graphdef: nnx.GraphDef
+    trainable: nnx.State  # differentiated and updated
+    frozen: tuple[nnx.State, nnx.State, nnx.State]  # latent stats, dropout streams, the rest
+
+
+def split_for_training(model: LisenDiff) -> TrainingSplit:
+    """Switches `model` to train mode (dropout on) and splits it for `training_loss`."""
+    model.train()
+    graphdef, trainable, stats, streams, rest = nnx.split(
+        model, model.trainable_filter(), LatentStat, nnx.RngState, ...
+    )
+    return TrainingSplit(graphdef, trainable, (stats, streams, rest))
+
+
+def training_loss(
+    graphdef: nnx.GraphDef,
+    trainable: nnx.State,
+    frozen: tuple[nnx.State, nnx.State, nnx.State],
+    batch: dict[str, jax.Array],
+    rng: jax.Array,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`LisenDiff.losses` of the merged model, with dropout streams drawn from `rng`: the
+    loss function of `train_step.make_train_step` for a `split_for_training` split."""
+    stats, streams, rest = frozen
+    dropout_key, diffusion_key = jax.random.split(rng)
+    # Fresh dropout streams from this step's key (one per stream), built as new values rather
+    # than by reseeding in place, which NNX forbids inside the gradient's trace.
+    leaves, treedef = jax.tree.flatten(streams)
+    fresh = [
+        jax.random.fold_in(dropout_key, i)
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+        else jnp.zeros_like(leaf)
+        for i, leaf in enumerate(leaves)
+    ]
+    model = nnx.merge(graphdef, trainable, stats, jax.tree.unflatten(treedef, fresh), rest)
+    return model.losses(batch, diffusion_key)
 
 
 def check_settings(bc: BackboneConfig, cfg: ml_collections.ConfigDict) -> None:

@@ -37,7 +37,7 @@ from lisendiff_jax.diffusion import fit_latent_stats
 from lisendiff_jax.encoder import make_encoder
 from lisendiff_jax.encoder_cache import prepare_split
 from lisendiff_jax.errors import UserError
-from lisendiff_jax.model import LatentStat, LisenDiff, check_settings
+from lisendiff_jax.model import LisenDiff, check_settings, split_for_training, training_loss
 from lisendiff_jax.tiny import default_cache_root, tiny_backbone_path
 from lisendiff_jax.train_step import make_optimizer, make_train_step
 
@@ -153,10 +153,7 @@ class Trainer:
         seed = config.seed
         model = LisenDiff(backbone, m, encoder.dim, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
         model.set_latent_stats(fit_latent_stats(self.split.response_latents))
-        model.train()
-        self.graphdef, self.trainable, self.stats, self.rng_state, self.frozen = nnx.split(
-            model, model.trainable_filter(), LatentStat, nnx.RngState, ...
-        )
+        self.graphdef, self.trainable, self.frozen = split_for_training(model)
         self.total_steps = config.num_steps or math.ceil(len(self.examples) / config.batch_size)
         self.tx = make_optimizer(config, max(self.total_steps // config.grad_accum_steps, 1))
         self.opt_state = self.tx.init(self.trainable)
@@ -168,21 +165,21 @@ class Trainer:
         if self.checkpointer.latest_step() is not None:
             self._restore()
         (self.workdir / "config.json").write_text(config.to_json(indent=1))
-        self._step_fn = make_train_step(self.tx, functools.partial(_loss, self.graphdef))
+        self._step_fn = make_train_step(self.tx, functools.partial(training_loss, self.graphdef))
 
     # -- checkpoints ---------------------------------------------------------------------
     def _checkpoint_state(self) -> dict:
         return {
             "trainable": self.trainable,
             "opt_state": self.opt_state,
-            "latent_stats": self.stats,
+            "latent_stats": self.frozen[0],
             "rng": jax.random.key_data(self.base_key),
         }
 
     def _restore(self) -> None:
         state, meta = self.checkpointer.restore(self._checkpoint_state())
         self.trainable, self.opt_state = state["trainable"], state["opt_state"]
-        self.stats = state["latent_stats"]
+        self.frozen = (state["latent_stats"], *self.frozen[1:])
         self.base_key = jax.random.wrap_key_data(state["rng"])
         self.step = int(meta["step"])
         self.position = DataPosition.from_dict(meta["data"])
@@ -239,7 +236,7 @@ class Trainer:
                 rng = jax.random.fold_in(self.base_key, self.step)
                 self.trainable, self.opt_state, metrics = self._step_fn(
                     self.trainable,
-                    (self.stats, self.rng_state, self.frozen),
+                    self.frozen,
                     self.opt_state,
                     batch,
                     rng,
@@ -276,22 +273,6 @@ class Trainer:
             bar.close()
             log.close()
         return self.step
-
-
-def _loss(graphdef, trainable, frozen, batch, rng):
-    stats, rng_state, rest = frozen
-    dropout_key, diffusion_key = jax.random.split(rng)
-    # Fresh dropout streams from this step's key (one per stream), built as new values rather
-    # than by reseeding in place, which NNX forbids inside the gradient's trace.
-    leaves, treedef = jax.tree.flatten(rng_state)
-    fresh = [
-        jax.random.fold_in(dropout_key, i)
-        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
-        else jnp.zeros_like(leaf)
-        for i, leaf in enumerate(leaves)
-    ]
-    model = nnx.merge(graphdef, trainable, stats, jax.tree.unflatten(treedef, fresh), rest)
-    return model.losses(batch, diffusion_key)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path, progress: bool = True) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -20,9 +21,9 @@ from tiny_workdir import write_dialogues
 
 from lisendiff_jax.backbone import load_backbone
 from lisendiff_jax.config import load_config
-from lisendiff_jax.model import LatentStat, LisenDiff, ModelSettingsError
+from lisendiff_jax.model import LisenDiff, ModelSettingsError, split_for_training, training_loss
 from lisendiff_jax.train_step import make_optimizer, make_train_step, token_nll
-from lisendiff_jax.training import Trainer, TrainingError, _loss
+from lisendiff_jax.training import Trainer, TrainingError
 
 ROOT = Path(__file__).resolve().parents[1]
 D_ENC = 16
@@ -79,20 +80,15 @@ def test_step0_logits_equal_the_backbone(checkpoint):
 def _one_step(checkpoint, lisendiff, remat="none"):
     c, model = build(checkpoint, lisendiff)
     model.backbone.remat = remat
-    model.train()
-    graphdef, trainable, stats, rngs, frozen = nnx.split(
-        model, model.trainable_filter(), LatentStat, nnx.RngState, ...
-    )
+    graphdef, trainable, frozen = split_for_training(model)
     before_trainable = jax.tree.map(np.array, trainable)
-    before_frozen = jax.tree.map(np.array, frozen)
+    before_rest = jax.tree.map(np.array, frozen[2])  # the frozen weights
     tx = make_optimizer(c, 10)
     opt_state = tx.init(trainable)
-    step = make_train_step(tx, lambda *a: _loss(graphdef, *a))
+    step = make_train_step(tx, functools.partial(training_loss, graphdef))
     batch = {k: jnp.asarray(v) for k, v in random_batch(np.random.RandomState(1)).items()}
-    trainable, opt_state, metrics = step(
-        trainable, (stats, rngs, frozen), opt_state, batch, jax.random.key(0)
-    )
-    return before_trainable, trainable, before_frozen, frozen, opt_state, metrics
+    trainable, opt_state, metrics = step(trainable, frozen, opt_state, batch, jax.random.key(0))
+    return before_trainable, trainable, before_rest, frozen[2], opt_state, metrics
 
 
 @pytest.mark.parametrize("lisendiff", [True, False])
@@ -143,18 +139,13 @@ def test_gradient_accumulation_equals_one_big_batch(checkpoint):
     def train(batches, accum):
         c, model = build(checkpoint, lisendiff=False)
         c.grad_accum_steps = accum
-        model.train()
-        graphdef, trainable, stats, rngs, frozen = nnx.split(
-            model, model.trainable_filter(), LatentStat, nnx.RngState, ...
-        )
+        graphdef, trainable, frozen = split_for_training(model)
         initial = jax.tree.map(np.array, trainable)
         tx = make_optimizer(c, 10)
         opt_state = tx.init(trainable)
-        step = make_train_step(tx, lambda *a: _loss(graphdef, *a))
+        step = make_train_step(tx, functools.partial(training_loss, graphdef))
         for batch in batches:
-            trainable, opt_state, _ = step(
-                trainable, (stats, rngs, frozen), opt_state, batch, jax.random.key(0)
-            )
+            trainable, opt_state, _ = step(trainable, frozen, opt_state, batch, jax.random.key(0))
         return initial, trainable
 
     initial, accumulated = train(halves, 2)
