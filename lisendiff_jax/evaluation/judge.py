@@ -234,14 +234,18 @@ def _run_all(jobs: Mapping[str, Callable[[], dict]], workers: int) -> tuple[list
 
 
 def rate(
-    transcripts: Sequence[dict], judge: Chat, workers: int = 4, attempts: int = 3
+    transcripts: Sequence[dict],
+    judge: Chat,
+    workers: int = 4,
+    attempts: int = 3,
+    sampling: Mapping[str, Any] = {},
 ) -> tuple[list[dict], list[dict]]:
     """(ratings, failures) of one system's transcripts; a rating record holds id, system,
-    lang and the metric scores."""
+    lang and the metric scores. `sampling` goes with every judge request."""
 
     def job(t: dict) -> Callable[[], dict]:
         def run() -> dict:
-            scores = ask(judge, rating_messages(t["turns"]), parse_ratings, attempts)
+            scores = ask(judge, rating_messages(t["turns"]), parse_ratings, attempts, sampling)
             return {"id": t["id"], "system": t["system"], "lang": t["lang"], "scores": scores}
 
         return run
@@ -250,7 +254,12 @@ def rate(
 
 
 def compare(
-    x: Sequence[dict], y: Sequence[dict], judge: Chat, workers: int = 4, attempts: int = 3
+    x: Sequence[dict],
+    y: Sequence[dict],
+    judge: Chat,
+    workers: int = 4,
+    attempts: int = 3,
+    sampling: Mapping[str, Any] = {},
 ) -> tuple[list[dict], list[dict]]:
     """(outcomes, failures) of system x against system y on the situations both have; an
     outcome record holds id, lang, the two systems and X's win/lose/tie per metric."""
@@ -259,10 +268,18 @@ def compare(
     def job(tx: dict, ty: dict) -> Callable[[], dict]:
         def run() -> dict:
             first = ask(
-                judge, comparison_messages(tx["turns"], ty["turns"]), parse_verdicts, attempts
+                judge,
+                comparison_messages(tx["turns"], ty["turns"]),
+                parse_verdicts,
+                attempts,
+                sampling,
             )
             second = ask(
-                judge, comparison_messages(ty["turns"], tx["turns"]), parse_verdicts, attempts
+                judge,
+                comparison_messages(ty["turns"], tx["turns"]),
+                parse_verdicts,
+                attempts,
+                sampling,
             )
             return {
                 "id": tx["id"],

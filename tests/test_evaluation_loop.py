@@ -1,0 +1,90 @@
+"""The whole evaluation loop over loopback: our server (the tiny model) plays the speaker and
+two listener systems, the real `openai` client carries every request, and the judge is our
+server too - once with the tiny model, whose replies cannot be parsed and are reported, and
+once with a model that always answers the same JSON, so that ratings, A/B outcomes, the table
+and the chart come out."""
+
+from __future__ import annotations
+
+import json
+import threading
+import types
+
+import pytest
+
+from lisendiff_jax.data.bundled import load_situations, sample_path
+from lisendiff_jax.evaluation.client import Client, Endpoint
+from lisendiff_jax.evaluation.judge import METRICS, compare, rate
+from lisendiff_jax.evaluation.report import ab_table, paired_table, ratings_chart, ratings_table
+from lisendiff_jax.evaluation.simulate import simulate
+from lisendiff_jax.inference import Listener, Reply
+from lisendiff_jax.restore import load_workdir
+from lisendiff_jax.serve import make_server
+
+
+class FixedJudge:
+    """A model that answers with the JSON a judge prompt asks for: 5 on every metric for a
+    rating, "A" on every metric for a comparison (a judge that always prefers the first
+    conversation, which judging both orders turns into ties)."""
+
+    config = types.SimpleNamespace(data=types.SimpleNamespace(target_lang="zh"))
+
+    def prepare(self, options):
+        return None
+
+    def reply(self, requests, options):
+        answer = lambda r: "A" if r.context[-1].startswith("Conversation A") else 5
+        return [Reply(json.dumps(dict.fromkeys(METRICS, answer(r))), None) for r in requests]
+
+
+@pytest.fixture(scope="module")
+def urls(tiny_workdir):
+    model, config, tokenizer = load_workdir(tiny_workdir, dtype="float32")
+    servers = [
+        make_server(Listener(model, config, tokenizer), "tiny"),
+        make_server(FixedJudge(), "fixed-judge"),
+    ]
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield [f"http://127.0.0.1:{s.server_port}/v1" for s in servers]
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def test_simulate_judge_and_report_over_loopback(urls, tmp_path):
+    tiny, fixed = urls
+    situations = load_situations(sample_path("situations/zh_mandarin.jsonl"))[:3]
+    speaker = Client(Endpoint(tiny, "tiny", extra_body={"lang": "zh", "style": "default"}))
+    short = {"max_tokens": 8, "seed": 1}
+    transcripts = {}
+    for style in ("empathy", "default"):
+        listener = Client(Endpoint(tiny, "tiny", extra_body={"lang": "zh", "style": style}))
+        transcripts[style] = simulate(
+            situations, speaker, listener, style, tmp_path / "transcripts.jsonl", 3, 3, short, short
+        )
+        assert [t["id"] for t in sorted(transcripts[style], key=lambda t: t["id"])] == [
+            s.id for s in situations
+        ]
+        assert all(len(t["turns"]) == 6 for t in transcripts[style])
+
+    ratings, failures = rate(
+        transcripts["empathy"], Client(Endpoint(tiny, "tiny")), attempts=1, sampling=short
+    )
+    assert ratings == [] and len(failures) == 3  # the tiny model writes no judge JSON
+    assert all("unparseable" in f["error"] for f in failures)
+
+    judge = Client(Endpoint(fixed, "fixed-judge"))
+    ratings = []
+    for style in transcripts:
+        judged, failures = rate(transcripts[style], judge)
+        assert failures == []
+        ratings += judged
+    outcomes, failures = compare(transcripts["empathy"], transcripts["default"], judge)
+    assert failures == [] and len(outcomes) == 3
+    assert all(set(o["outcomes"].values()) == {"tie"} for o in outcomes)  # position bias
+    assert "| zh | empathy vs default | 3 | 0/0/100 |" in ab_table(outcomes)
+    assert "| empathy | 3 | 5.00 [5.00, 5.00] |" in ratings_table(ratings)
+    assert "| empathy | 3 | +0.00 | 0.00 | 1 |" in paired_table(ratings, "empathy", "default")
+    ratings_chart(ratings, tmp_path / "ratings.png")
+    assert (tmp_path / "ratings.png").stat().st_size > 0
