@@ -14,13 +14,13 @@ tie.
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, TypeVar
 
 from lisendiff_jax.evaluation.client import Chat
+from lisendiff_jax.evaluation.jobs import run_jobs
 
 # metric: (what it measures, low 0-3, moderate 4-6, high 7-10)
 METRICS: Mapping[str, tuple[str, str, str, str]] = {
@@ -214,23 +214,17 @@ def combine(first: Mapping[str, Verdict], second: Mapping[str, Verdict]) -> dict
     return outcomes
 
 
-def _run_all(jobs: Mapping[str, Callable[[], dict]], workers: int) -> tuple[list, list]:
-    """Runs `jobs` (named by situation id) concurrently: (results, failures). A failure record
+def _collect(jobs: Mapping[str, Callable[[], dict]], workers: int) -> tuple[list, list]:
+    """Runs `jobs` (named by situation id): (results, failures), in id order. A failure record
     holds the id, the error and, for a judge that never gave a parseable reply, that reply."""
-    results, failures = [], []
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        futures = {pool.submit(job): name for name, job in jobs.items()}
-        for future in concurrent.futures.as_completed(futures):
-            err = future.exception()
-            if err is None:
-                results.append(future.result())
-            else:
-                failure = {"id": futures[future], "error": str(err) or repr(err)}
-                if isinstance(err, JudgeFailure):
-                    failure["reply"] = err.reply
-                failures.append(failure)
-    key = lambda r: r["id"]
-    return sorted(results, key=key), sorted(failures, key=key)
+    results, errors = run_jobs(jobs, workers)
+    failures = []
+    for name, err in sorted(errors.items()):
+        failure = {"id": name, "error": str(err) or repr(err)}
+        if isinstance(err, JudgeFailure):
+            failure["reply"] = err.reply
+        failures.append(failure)
+    return [results[name] for name in sorted(results)], failures
 
 
 def rate(
@@ -250,7 +244,7 @@ def rate(
 
         return run
 
-    return _run_all({t["id"]: job(t) for t in transcripts}, workers)
+    return _collect({t["id"]: job(t) for t in transcripts}, workers)
 
 
 def compare(
@@ -291,4 +285,4 @@ def compare(
 
         return run
 
-    return _run_all({t["id"]: job(t, ys[t["id"]]) for t in x if t["id"] in ys}, workers)
+    return _collect({t["id"]: job(t, ys[t["id"]]) for t in x if t["id"] in ys}, workers)

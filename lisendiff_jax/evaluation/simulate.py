@@ -13,13 +13,14 @@ written, the others go on, and the run then raises `SimulationError` naming the 
 
 from __future__ import annotations
 
-import concurrent.futures
+import functools
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lisendiff_jax.data.bundled import Situation
 from lisendiff_jax.evaluation.client import Chat
+from lisendiff_jax.evaluation.jobs import run_jobs
 from lisendiff_jax.evaluation.transcripts import ResultsFile
 
 SPEAKER_PROMPTS: Mapping[str, str] = {
@@ -114,7 +115,8 @@ def simulate(
     """Conversations of listener `system` on every situation not yet in `out`; returns all of
     the system's transcripts in `out`. Records: id, system, lang, emotion, situation, turns."""
     results = ResultsFile(out, ("system", "id"))
-    todo = [s for s in situations if (system, s.id) not in results.done()]
+    done = results.done()
+    todo = [s for s in situations if (system, s.id) not in done]
     for situation in todo:  # a language without a prompt fails now, not half way through
         speaker_messages(situation, [])
 
@@ -133,12 +135,8 @@ def simulate(
             }
         )
 
-    failures = []
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        futures = {pool.submit(run, s): s.id for s in todo}
-        for future in concurrent.futures.as_completed(futures):
-            if future.exception() is not None:
-                failures.append(f"{futures[future]}: {future.exception()!r}")
+    _, errors = run_jobs({s.id: functools.partial(run, s) for s in todo}, workers)
+    failures = [f"{name}: {err!r}" for name, err in errors.items()]
     if failures:
         raise SimulationError(
             f"{len(failures)} of {len(todo)} conversation(s) failed; rerun to retry them: "
