@@ -88,3 +88,35 @@ def test_simulate_judge_and_report_over_loopback(urls, tmp_path):
     assert "| empathy | 3 | +0.00 | 0.00 | 1 |" in paired_table(ratings, "empathy", "default")
     ratings_chart(ratings, tmp_path / "ratings.png")
     assert (tmp_path / "ratings.png").stat().st_size > 0
+
+
+def test_command_line_runs_the_loop(urls, tmp_path):
+    from lisendiff_jax.evaluation.__main__ import main
+
+    tiny, fixed = urls
+    situations = tmp_path / "situations.jsonl"
+    lines = sample_path("situations/zh_cantonese.jsonl").read_text(encoding="utf-8")
+    situations.write_text("".join(lines.splitlines(keepends=True)[:2]), encoding="utf-8")
+    transcripts = tmp_path / "transcripts.jsonl"
+    for system in ("empathy", "default"):
+        roles = []
+        for role in ("speaker", "listener"):
+            extra = json.dumps({"lang": "yue", "style": system})
+            roles += [f"--{role}-url", tiny, f"--{role}-model", "tiny", f"--{role}-extra", extra]
+        argv = ["simulate", *roles, "--system", system, "--situations", str(situations)]
+        assert main([*argv, "--turns", "1", "--out", str(transcripts)]) == 0
+    judge = ["--judge-url", fixed, "--judge-model", "fixed-judge"]
+    files = ["--transcripts", str(transcripts)]
+    assert main(["rate", *judge, *files, "--out", str(tmp_path / "ratings.jsonl")]) == 0
+    ab = ["compare", *judge, *files, "--x", "empathy", "--y", "default"]
+    assert main([*ab, "--out", str(tmp_path / "ab.jsonl")]) == 0
+    report = ["report", "--ratings", str(tmp_path / "ratings.jsonl"), "--x", "empathy"]
+    report += ["--y", "default", "--outcomes", str(tmp_path / "ab.jsonl")]
+    assert main([*report, "--out-dir", str(tmp_path / "report")]) == 0
+    names = sorted(p.name for p in (tmp_path / "report").iterdir())
+    assert names == ["ab_table.md", "paired.md", "ratings.md", "ratings.png"]
+    assert (
+        "| yue | empathy vs default | 2 | 0/0/100 |"
+        in (tmp_path / "report/ab_table.md").read_text()
+    )
+    assert main(["rate", *judge, "--transcripts", "missing.jsonl", "--out", "x.jsonl"]) == 1
