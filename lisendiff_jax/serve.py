@@ -165,6 +165,7 @@ class ChatServer(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server: ChatServer
     protocol_version = "HTTP/1.1"  # keep-alive: clients reuse their connections
+    timeout = 60  # seconds a client may stall (an idle connection, a body cut short)
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # one line per request would drown the console under load
@@ -258,13 +259,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("give exactly one of --workdir and --backbone")
     from absl import logging
 
-    from lisendiff_jax.chat import _load, _user_errors
+    from lisendiff_jax.chat import _load  # sample.py's loader: workdir, export or backbone
+    from lisendiff_jax.errors import UserError
 
     logging.set_verbosity(logging.ERROR)  # orbax logs at INFO and WARNING while restoring
     folder = Path(args.workdir) if args.workdir else None
     try:
         model, config, tokenizer = _load(args, folder)
-    except _user_errors() as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     name = args.model_name or (folder.absolute().name if folder else args.backbone)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import http.client
 import json
+import socket
 import threading
 import time
 
@@ -97,6 +98,16 @@ def test_an_oversize_body_is_refused_unread(server):
     assert code == 413 and "body over" in payload["error"]["message"]
 
 
+def test_a_body_cut_short_does_not_hold_the_server(server, monkeypatch):
+    monkeypatch.setattr(server.RequestHandlerClass, "timeout", 0.5)
+    stalled = socket.create_connection(("127.0.0.1", server.server_port))
+    stalled.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 100\r\n\r\n{")
+    assert client(server).models.list().data  # other clients are served meanwhile
+    stalled.settimeout(10)
+    assert stalled.recv(1) == b""  # and the stalled one is dropped after the timeout
+    stalled.close()
+
+
 def test_a_model_error_answers_500_and_the_server_lives_on(server, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
@@ -116,8 +127,17 @@ def test_concurrent_requests_all_answered(server):
     )
     ask(0)  # compile outside the timed part
     start = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(64) as pool:
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:  # all n in flight at once
         replies = list(pool.map(ask, range(n)))
     seconds = time.perf_counter() - start
     assert len({r.id for r in replies}) == n
     print(f"{n} concurrent requests in {seconds:.1f}s: {n / seconds:.1f} requests/s")
+
+
+def test_command_line_errors_are_one_line(capsys):
+    from lisendiff_jax.serve import main
+
+    assert main(["--workdir", "/no/such/workdir"]) == 1
+    assert "no such workdir" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([])
