@@ -190,3 +190,13 @@ def test_report_tables_and_chart(tmp_path):
     assert "| empathy | 4 | +2.00 | inf | 0**" in paired_table(ratings, "ours", "base")
     ratings_chart(ratings, tmp_path / "ratings.png")
     assert (tmp_path / "ratings.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_api_key_stays_out_of_sight(monkeypatch):
+    from lisendiff_jax.evaluation.client import Client, Endpoint
+
+    monkeypatch.setenv("JUDGE_KEY", "sk-secret-123")
+    endpoint = Endpoint("http://127.0.0.1:9/v1", "judge", api_key_env="JUDGE_KEY")
+    client = Client(endpoint)
+    assert client._client.api_key == "sk-secret-123"
+    assert "sk-secret" not in repr(client) + repr(endpoint)
