@@ -91,15 +91,19 @@ def _model_folder(args: argparse.Namespace, default_workdir: Path | None) -> Pat
     return workdir
 
 
-def _load(args: argparse.Namespace, folder: Path | None):
+def load_model(
+    folder: Path | None, backbone: str | None, step: int | None = None, dtype: str | None = None
+):
+    """(model, config, tokenizer) from a training workdir, an export folder, or, when `folder`
+    is None, a bare backbone: what sample.py and the server can talk to."""
     from lisendiff_jax.export import is_export, load_exported
     from lisendiff_jax.restore import load_base, load_workdir
 
     if folder is None:
-        return load_base(args.backbone, args.dtype or "bfloat16")
+        return load_base(backbone, dtype or "bfloat16")
     if is_export(folder):
-        return load_exported(folder, args.dtype)
-    return load_workdir(folder, args.step, args.dtype)
+        return load_exported(folder, dtype)
+    return load_workdir(folder, step, dtype)
 
 
 def _requests_from_file(path: Path, args: argparse.Namespace) -> Iterator[tuple[dict, Any]]:
@@ -195,7 +199,7 @@ def run(args: argparse.Namespace, default_workdir: Path | None) -> None:
         raise InputError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
-    model, config, tokenizer = _load(args, folder)
+    model, config, tokenizer = load_model(folder, args.backbone, args.step, args.dtype)
     args.lang = args.lang or config.data.target_lang
     if args.trace and not model.lisendiff:
         warnings.warn("no trace: this model has no LisenDiff modules (no latent)", stacklevel=1)

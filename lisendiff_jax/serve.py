@@ -259,13 +259,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("give exactly one of --workdir and --backbone")
     from absl import logging
 
-    from lisendiff_jax.chat import _load  # sample.py's loader: workdir, export or backbone
+    from lisendiff_jax.chat import load_model
     from lisendiff_jax.errors import UserError
 
     logging.set_verbosity(logging.ERROR)  # orbax logs at INFO and WARNING while restoring
     folder = Path(args.workdir) if args.workdir else None
     try:
-        model, config, tokenizer = _load(args, folder)
+        model, config, tokenizer = load_model(folder, args.backbone, args.step, args.dtype)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -141,5 +141,15 @@ def test_broken_workdirs_give_one_line_errors(tiny_workdir, capsys, tmp_path):
     shutil.copytree(tiny_workdir, corrupt)
     for blob in (corrupt / "0" / "state").rglob("d/*"):
         blob.write_bytes(blob.read_bytes()[:50])
-    message = _one_line_error(capsys, "--workdir", str(corrupt), "--context", "hi")
-    assert f"{corrupt / '0'}: cannot restore checkpoint" in message
+    # Through sample.py itself: a failed restore leaves orbax's threads behind, which must die
+    # with the command, not linger in the test process.
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "sample.py"), "--workdir", str(corrupt), "--context", "hi"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 1 and run.stdout == ""
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), run.stderr
+    assert f"{corrupt / '0'}: cannot restore checkpoint" in lines[0]
