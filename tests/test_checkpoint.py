@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lisendiff_jax.checkpoint import Checkpointer, CheckpointNotFoundError, CorruptCheckpointError
+from lisendiff_jax.checkpoint import Checkpointer, CheckpointNotFoundError
 
 
 def state(value: float):
@@ -43,5 +47,16 @@ def test_empty_workdir_and_corrupt_step_are_clear_errors(tmp_path):
     for f in (tmp_path / "run" / "5" / "state").rglob("*"):
         if f.is_file():
             f.write_bytes(b"garbage")
-    with pytest.raises(CorruptCheckpointError, match=r"run/5: cannot restore"):
-        Checkpointer(tmp_path / "run").restore(state(0))
+    # In a child process: a failed restore leaves tensorstore's threads behind, which must not
+    # outlive their process into this one's shutdown.
+    child = f"""
+import jax.numpy as jnp
+from lisendiff_jax.checkpoint import Checkpointer, CorruptCheckpointError
+try:
+    Checkpointer({str(tmp_path / "run")!r}).restore({{"params": {{"w": jnp.zeros((3, 2)),
+        "b": jnp.zeros((2,), jnp.bfloat16)}}, "rng": jnp.zeros((2,), jnp.uint32)}})
+except CorruptCheckpointError as err:
+    print("CorruptCheckpointError:", err, flush=True)
+"""
+    run = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300)
+    assert re.search(r"CorruptCheckpointError: .*run/5: cannot restore", run.stdout), run.stderr
