@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 from lisendiff_jax.chat import main
-from lisendiff_jax.restore import exit_process
+from lisendiff_jax.restore import command_line_stderr, exit_process
 
 if __name__ == "__main__":
+    command_line_stderr()
     default_workdir = Path(__file__).resolve().parent / "workdirs" / "tiny"
     exit_process(main(sys.argv[1:], default_workdir=default_workdir))

@@ -45,6 +45,7 @@ from lisendiff_jax.restore import (
     Loaded,
     build_model,
     checkpoint_step,
+    command_line_stderr,
     exit_process,
     for_inference,
     load_tokenizer,
@@ -288,4 +289,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    command_line_stderr()
     exit_process(main())

@@ -18,6 +18,7 @@ import io
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -208,6 +209,44 @@ def load_base(backbone: str, dtype: str = "bfloat16") -> Loaded:
     # No latent is ever read; the statistics only need some width.
     model = build_model(folder, config, latent_dim=1)
     return for_inference(model), config, load_tokenizer(folder)
+
+
+class _MainThreadStderr(io.TextIOBase):
+    """stderr that passes the main thread's writes and drops those of worker threads.
+
+    When a checkpoint is corrupt, the reads orbax and tensorstore still have in flight fail on
+    their own threads and print tracebacks at unpredictable times, before or after the
+    command line has printed its one-line error. A command line's own messages all come from
+    the main thread.
+    """
+
+    def __init__(self, stream: Any):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        if threading.current_thread() is threading.main_thread():
+            return self._stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    # What libraries ask of sys.stderr besides writing (tqdm, logging, faulthandler).
+    def isatty(self) -> bool:
+        return self._stream.isatty()
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    @property
+    def encoding(self) -> str:
+        return self._stream.encoding
+
+
+def command_line_stderr() -> None:
+    """For a command line's process (never a library caller's): from now on only the main
+    thread writes to stderr (see `_MainThreadStderr`)."""
+    sys.stderr = _MainThreadStderr(sys.stderr)
 
 
 def exit_process(code: int) -> None:
