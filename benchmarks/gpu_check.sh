@@ -6,7 +6,8 @@
 #   2. greedy decoding of the same shape, ours vs transformers' generate.
 # Each part runs in its own process so that peak memory is its own.
 # Usage, from the repository root: bash benchmarks/gpu_check.sh
-# Python wheels in .whl/ (packages the GPU image lacks, e.g. ml_collections) are used if present.
+# Python wheels in .whl/ (packages the GPU image lacks) are installed first if present; the lent
+# H200/H100 image lacks ml_collections: `pip download --no-deps -d .whl ml_collections==1.1.0`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG="${OUT:-/tmp}/gpu_check.log"
