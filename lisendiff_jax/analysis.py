@@ -1,0 +1,169 @@
+"""Looking inside the latent space: a t-SNE map of sampled latents and response retrieval.
+
+    python -m lisendiff_jax.analysis map --workdir runs/llama_ja --workdir runs/llama_en \
+        --out latents.png                       # the paper's Figure 5
+    python -m lisendiff_jax.analysis retrieve --workdir runs/llama_ja \
+        --candidates responses.txt --top-k 5    # the paper's Table 3
+
+Latents are sampled for the bundled Mandarin and Cantonese situations (or `--situations FILE`)
+with each style's denoiser. On the map, colour is the model (its L2) and the marker the style.
+Retrieval ranks candidate responses (one per line) by the sum of their cosine similarities to
+a model's sampled latents, with the candidates embedded by that run's own S-Encoder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from lisendiff_jax.data import STYLES, load_situations, sample_path
+from lisendiff_jax.errors import UserError
+
+DEFAULT_SITUATIONS = ("situations/zh_mandarin.jsonl", "situations/zh_cantonese.jsonl")
+_MARKERS = ("o", "^", "s", "D")
+
+
+def tsne_points(latents: np.ndarray, seed: int = 0) -> np.ndarray:
+    """2-D t-SNE coordinates [n, 2] of latents [n, d] (cosine distance, as the encoder's)."""
+    from sklearn.manifold import TSNE
+
+    n = latents.shape[0]
+    if n < 3:
+        raise UserError(f"a latent map needs at least 3 latents, got {n}")
+    perplexity = min(30.0, (n - 1) / 3)
+    tsne = TSNE(2, perplexity=perplexity, metric="cosine", init="random", random_state=seed)
+    return tsne.fit_transform(np.asarray(latents, np.float64))
+
+
+def plot_latent_map(
+    points: np.ndarray, systems: Sequence[str], styles: Sequence[str], out: Path
+) -> Path:
+    """A scatter PNG of points [n, 2]: colour by system, marker by style."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for i, system in enumerate(dict.fromkeys(systems)):
+        for j, style in enumerate(STYLES):
+            keep = [a == system and b == style for a, b in zip(systems, styles, strict=True)]
+            if any(keep):
+                xy = points[np.asarray(keep)]
+                ax.scatter(
+                    xy[:, 0],
+                    xy[:, 1],
+                    c=f"C{i}",
+                    marker=_MARKERS[j],
+                    s=18,
+                    alpha=0.8,
+                    label=f"{system} / {style}",
+                )
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.legend(fontsize=8, loc="best")
+    ax.set_title("Sampled latents (t-SNE)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=150)
+    plt.close(fig)
+    return out
+
+
+def retrieval_scores(latents: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """Sum over latents [m, d] of each candidate's [k, d] cosine similarity: scores [k]."""
+
+    def unit(x):
+        return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+    return (unit(np.asarray(candidates, np.float64)) @ unit(np.asarray(latents, np.float64)).T).sum(
+        axis=1
+    )
+
+
+def top_k(texts: Sequence[str], scores: np.ndarray, k: int) -> list[tuple[str, float]]:
+    order = np.argsort(-scores, kind="stable")[:k]
+    return [(texts[i], float(scores[i])) for i in order]
+
+
+def sampled_latents(listener, situations: Sequence[str], samples: int, seed: int) -> dict:
+    """{style: latents [len(situations) * samples, d]} from one model."""
+    from lisendiff_jax.inference import Options, Request
+
+    out = {}
+    for style in STYLES:
+        requests = [Request(context=(s,), style=style) for s in situations]
+        rows = []
+        for i in range(samples):
+            replies = listener.reply(requests, Options(seed=seed + i, max_tokens=1))
+            rows.extend(r.latent.reshape(-1) for r in replies)
+        out[style] = np.stack(rows)
+    return out
+
+
+def _listener(workdir: str):
+    from lisendiff_jax.chat import load_model
+    from lisendiff_jax.inference import Listener
+
+    model, config, tokenizer = load_model(Path(workdir), None)
+    if not model.lisendiff:
+        raise UserError(f"{workdir}: a LoRA-only run has no latent space to look at")
+    return Listener(model, config, tokenizer), config
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    for name in ("map", "retrieve"):
+        c = sub.add_parser(name)
+        c.add_argument("--workdir", action="append", required=True, help="repeatable")
+        c.add_argument("--situations", action="append", help="JSONL; default: bundled zh/yue")
+        c.add_argument("--samples", type=int, default=2, help="latents per situation and style")
+        c.add_argument("--seed", type=int, default=0)
+    sub.choices["map"].add_argument("--out", type=Path, default=Path("latent_map.png"))
+    sub.choices["retrieve"].add_argument("--candidates", type=Path, required=True)
+    sub.choices["retrieve"].add_argument("--top-k", type=int, default=5)
+    args = p.parse_args(argv)
+    from absl import logging
+
+    logging.set_verbosity(logging.ERROR)  # orbax logs at INFO and WARNING while restoring
+    try:
+        files = args.situations or [str(sample_path(f)) for f in DEFAULT_SITUATIONS]
+        situations = [s.situation for f in files for s in load_situations(f)]
+        points, systems, styles = [], [], []
+        for workdir in args.workdir:
+            listener, config = _listener(workdir)
+            by_style = sampled_latents(listener, situations, args.samples, args.seed)
+            if args.command == "retrieve":
+                if not args.candidates.is_file():
+                    raise UserError(f"{args.candidates}: no such file")
+                texts = [t.strip() for t in args.candidates.read_text().splitlines() if t.strip()]
+                if not texts:
+                    raise UserError(f"{args.candidates}: no candidate responses")
+                embedded = listener.encoder.encode(texts)
+                for style, latents in by_style.items():
+                    print(f"{workdir} / {style}:")
+                    for text, score in top_k(
+                        texts, retrieval_scores(latents, embedded), args.top_k
+                    ):
+                        print(f"  {score:8.3f}  {text}")
+                continue
+            for style, latents in by_style.items():
+                points.append(latents)
+                systems += [Path(workdir).name] * len(latents)
+                styles += [style] * len(latents)
+        if args.command == "map":
+            xy = tsne_points(np.concatenate(points), args.seed)
+            print(f"wrote {plot_latent_map(xy, systems, styles, args.out)}")
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
