@@ -17,7 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from lisendiff_jax.backbone import load_backbone
 from lisendiff_jax.backbone.generate import SamplingParams, generate
-from lisendiff_jax.backbone.presets import llama3_rope
+from lisendiff_jax.tiny import TINY_MODEL
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -27,16 +27,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
-    config = LlamaConfig(
-        vocab_size=2048,
-        hidden_size=128,
-        intermediate_size=344,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        rope_parameters=llama3_rope(original_max_position_embeddings=1024),
-    )
+    # The embedded default's shape, with random weights and no tokenizer.
+    config = LlamaConfig(**TINY_MODEL, vocab_size=2048)
     reference = LlamaForCausalLM(config).eval()
     prompt = np.random.RandomState(args.seed).randint(3, config.vocab_size, (2, 12))
     with tempfile.TemporaryDirectory() as folder:
