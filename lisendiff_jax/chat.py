@@ -16,8 +16,9 @@ JSONL input: one request per line, {"context": [turns] or "a ||| b", "style": ..
 "id": ...}; only the context is required, the rest default to the command-line options. Every
 JSON output line holds the request, the reply, whether the context was cut, the latent
 ([L, d] list, null without LisenDiff modules) and, with --trace, the reply decoded from each of
-the last steps' predicted y0 (with sampling, each trace row draws its own tokens; with
---temperature 0 the t = 0 row equals the reply).
+the last steps' predicted y0 (each trace row draws its tokens with its reply's randomness, so
+the rows differ by their latent only and the t = 0 row is the reply). A request's reply depends
+on --seed and its place in the input, not on --batch-size.
 
 Errors are one line on stderr with exit status 1; a context cut to fit the model is a warning.
 """

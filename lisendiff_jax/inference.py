@@ -11,6 +11,12 @@ requests becomes:
    with the LLM cross-attending to the latent and, for a trace, decoding once more from the
    predicted y0 of each of the last steps, all rows of the trace as one batch.
 
+Each request draws all of its randomness (its latent's noise and every sampled token) from its
+own key, so its reply does not depend on the other requests of its batch, nor on the batch
+size: request i of a call draws from fold_in(key(options.seed), i), and a request with its own
+`seed` draws as the first request of a call with that seed would (a server batching requests
+of different clients gives each its seed).
+
 The prompt budget is the run's `data.max_length`, the longest chat the model was trained on,
 and never more than the backbone's positions minus the tokens to generate.
 
@@ -36,10 +42,11 @@ from transformers import PreTrainedTokenizerBase
 from lisendiff_jax.backbone.generate import SamplingParams, decode
 from lisendiff_jax.data.example import STYLES
 from lisendiff_jax.data.formatting import encode_chat, system_prompt
+from lisendiff_jax.diffusion import unstandardise
 from lisendiff_jax.encoder import Encoder, make_encoder
 from lisendiff_jax.errors import UserError
 from lisendiff_jax.model import LisenDiff
-from lisendiff_jax.sampler import Plan, SamplerName, make_plan, sample
+from lisendiff_jax.sampler import Plan, SamplerName, draw_noise, make_plan, run_chain
 
 PAD_MULTIPLE = 32
 LATENT_SET_SIZE = 1  # the encoder cache gives one pooled vector per response (L = 1)
@@ -58,6 +65,7 @@ class Request:
     context: tuple[str, ...]  # turns, oldest first; the newest is the user's
     style: str = "empathy"
     lang: str = "zh"
+    seed: int | None = None  # None: the call's Options.seed and the request's position
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "context", tuple(t.strip() for t in self.context if t.strip()))
@@ -75,7 +83,7 @@ class Request:
 class Options:
     """How latents and tokens are drawn. temperature 0 decodes greedily."""
 
-    seed: int = 0
+    seed: int = 0  # for the requests without their own seed
     temperature: float = 0.7
     top_p: float = 0.9
     max_tokens: int = 64
@@ -109,49 +117,64 @@ def sample_latents(
     context: jax.Array,  # [batch, n_ctx, d] utterance embeddings, oldest first
     context_mask: jax.Array,  # [batch, n_ctx] bool
     style_ids: jax.Array,  # [batch] int
-    rng: jax.Array,
+    keys: jax.Array,  # [batch] PRNG keys: row i's noise comes from keys[i] alone
     plan: Plan,
     return_trajectory: bool = False,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Latents [batch, L, d] for each row's style, and optionally every step's predicted y0
     [S, batch, L, d], both in the encoder's space."""
     chex.assert_rank(context, 3)
+    chex.assert_shape(keys, (context.shape[0],))
     x = model.summary(context, context_mask, style_ids)  # [batch, n_queries, d]
 
     def denoise(y_t: jax.Array, t: jax.Array) -> jax.Array:
         return model.denoisers(y_t, t, x, style_ids)
 
-    shape = (context.shape[0], LATENT_SET_SIZE, model.latent_dim)
-    return sample(denoise, plan, model.latent_stats, rng, shape, return_trajectory)
+    # `sampler.sample` draws one batch's noise from one key; here each row draws its own.
+    row_noise = jax.vmap(lambda key: draw_noise(key, plan, (LATENT_SET_SIZE, model.latent_dim)))
+    y_start, noise = row_noise(keys)  # [batch, L, d], [batch, S, L, d]
+    latents, trajectory = run_chain(
+        denoise, plan, y_start, jnp.swapaxes(noise, 0, 1), return_trajectory
+    )
+    if trajectory is not None:
+        trajectory = unstandardise(model.latent_stats, trajectory)
+    return unstandardise(model.latent_stats, latents), trajectory
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "params", "trace_steps"))
-def _respond(graphdef, state, plan, batch, rng, params, trace_steps):
+def _respond(graphdef, state, plan, batch, params, trace_steps):
     model = nnx.merge(graphdef, state)
     ids, mask = batch["input_ids"], batch["attention_mask"]  # [B, P]
-    latent_key, decode_key = jax.random.split(rng)
+    request_key = lambda seed, i: jax.random.fold_in(jax.random.key(seed), i)
+    keys = jax.vmap(request_key)(batch["seed"], batch["position"])  # [B]
+    latent_keys, decode_keys = jax.vmap(jax.random.split, out_axes=1)(keys)  # [B] each
     if not model.lisendiff:
-        return {"reply": decode(model.backbone, ids, mask, decode_key, params)}
+        return {"reply": decode(model.backbone, ids, mask, decode_keys, params)}
     latents, trajectory = sample_latents(
         model,
         batch["context"],
         batch["context_mask"],
         batch["style_ids"],
-        latent_key,
+        latent_keys,
         plan,
         return_trajectory=trace_steps > 0,
     )
     out = {
         "latents": latents,
-        "reply": decode(model.backbone, ids, mask, decode_key, params, {"latents": latents}),
+        "reply": decode(model.backbone, ids, mask, decode_keys, params, {"latents": latents}),
     }
     if trace_steps:
         last = trajectory[-trace_steps:]  # [k, B, L, d]
         k, b = last.shape[:2]
-        tiled = lambda a: jnp.tile(a, (k, 1))  # row j * B + i: step j, request i
+        rows = jnp.tile(jnp.arange(b), k)  # row j * B + i: step j, request i
         latents_k = last.reshape(k * b, *last.shape[2:])
         out["trace"] = decode(
-            model.backbone, tiled(ids), tiled(mask), decode_key, params, {"latents": latents_k}
+            model.backbone,
+            ids[rows],
+            mask[rows],
+            decode_keys[rows],  # a trace row draws its tokens as its request's reply does
+            params,
+            {"latents": latents_k},
         )
     return out
 
@@ -247,18 +270,22 @@ class Listener:
     def reply(
         self, requests: Sequence[Request], options: Options = Options(), batch_size: int = 16
     ) -> list[Reply]:
-        """One reply per request, in order, decoded `batch_size` requests at a time. Batch i
-        draws from fold_in(key(seed), i), so a request's reply depends on its batch."""
+        """One reply per request, in order, decoded `batch_size` requests at a time. Request i
+        draws from fold_in(key(options.seed), i), or from fold_in(key(request.seed), 0) when it
+        has a seed, whatever its batch."""
         params, plan, trace_steps, budget = self.prepare(options)
-        key = jax.random.key(options.seed)
+        # uint32: jax.random.key keeps a seed's low 32 bits, so any int seed maps as it would.
+        seeds = np.array([options.seed if r.seed is None else r.seed for r in requests]) % 2**32
+        positions = [0 if r.seed is not None else i for i, r in enumerate(requests)]
         replies: list[Reply] = []
         for start in range(0, len(requests), batch_size):
             chunk = requests[start : start + batch_size]
             batch, truncated = self._prompts(chunk, budget)
             if self.lisendiff:
                 batch.update(self._context(chunk))
-            rng = jax.random.fold_in(key, start // batch_size)
-            out = _respond(self.graphdef, self.state, plan, batch, rng, params, trace_steps)
+            batch["seed"] = seeds[start : start + batch_size].astype(np.uint32)
+            batch["position"] = np.array(positions[start : start + batch_size], np.uint32)
+            out = _respond(self.graphdef, self.state, plan, batch, params, trace_steps)
             texts = self._texts(out["reply"])
             latents = np.asarray(out["latents"]) if "latents" in out else [None] * len(chunk)
             traces = [()] * len(chunk)

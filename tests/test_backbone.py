@@ -137,6 +137,25 @@ def test_sampling_is_seeded_and_top_p_narrows_to_greedy(pair):
     )
 
 
+def test_a_sampled_row_is_the_same_alone_and_in_a_batch(pair):
+    _, _, _, ours = pair
+    ids, mask = left_padded_batch(np.random.RandomState(6), [9, 4, 6], 9, 128)
+    hot = SamplingParams(max_new_tokens=10, temperature=1.0)
+    keys = jax.random.split(jax.random.key(11), 3)
+    batch = np.asarray(generate(ours, ids, mask, params=hot, rng=keys).tokens)
+    for row in range(3):
+        n = int(mask[row].sum())  # alone: the row's prompt without its padding
+        alone = generate(ours, ids[row : row + 1, -n:], params=hot, rng=keys[row : row + 1])
+        np.testing.assert_array_equal(np.asarray(alone.tokens)[0], batch[row])
+    assert len({tuple(r) for r in batch}) == 3
+    # One key for the batch gives row i the key fold_in(key, i).
+    rows = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(11), jnp.arange(3))
+    np.testing.assert_array_equal(
+        generate(ours, ids, mask, params=hot, rng=jax.random.key(11)).tokens,
+        generate(ours, ids, mask, params=hot, rng=rows).tokens,
+    )
+
+
 def test_bfloat16_weights_stay_close_to_float32(pair):
     _, folder, _, ours = pair
     bf16 = load_backbone(folder, dtype="bfloat16")

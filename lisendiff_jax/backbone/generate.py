@@ -3,6 +3,9 @@
 The whole loop runs on the device; it stops when every row has produced an end-of-sequence
 token or `max_new_tokens` have been made. Prompts are left-padded so that all rows share
 the cache slot they write next.
+
+Every row samples from its own key: the token at step s of row i is drawn with
+fold_in(keys[i], s), so a row's continuation does not depend on which rows share its batch.
 """
 
 from __future__ import annotations
@@ -43,8 +46,9 @@ class Generation(NamedTuple):
     lengths: jax.Array  # [batch] int32, tokens produced per row (its EOS included)
 
 
-def sample_next(logits: jax.Array, rng: jax.Array, params: SamplingParams) -> jax.Array:
-    """Next token ids [batch] from float32 logits [batch, vocab]: greedy, or top-p sampling."""
+def sample_next(logits: jax.Array, keys: jax.Array, params: SamplingParams) -> jax.Array:
+    """Next token ids [batch] from float32 logits [batch, vocab]: greedy, or top-p sampling
+    with row i drawn from keys[i] ([batch] keys) alone."""
     if params.temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / params.temperature
@@ -56,7 +60,8 @@ def sample_next(logits: jax.Array, rng: jax.Array, params: SamplingParams) -> ja
         kept = jnp.where(mass_before < params.top_p, sorted_logits, jnp.inf)
         cutoff = jnp.min(kept, axis=-1, keepdims=True)
         logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+    draw = jax.vmap(lambda key, row: jax.random.categorical(key, row))
+    return draw(keys, logits).astype(jnp.int32)
 
 
 class _LoopState(NamedTuple):
@@ -65,14 +70,13 @@ class _LoopState(NamedTuple):
     last: jax.Array  # [batch]: the token to feed next
     done: jax.Array  # [batch] bool
     cache: KVCache
-    rng: jax.Array
 
 
 def decode(
     model: Decoder,
     input_ids: jax.Array,  # [batch, prompt] int32, left-padded
     attention_mask: jax.Array,  # [batch, prompt], 0 on padding
-    rng: jax.Array,
+    keys: jax.Array,  # [batch] PRNG keys, one per row
     params: SamplingParams,
     forward_kwargs: dict | None = None,
 ) -> Generation:
@@ -83,14 +87,15 @@ def decode(
     """
     chex.assert_rank(input_ids, 2)
     chex.assert_equal_shape([input_ids, attention_mask])
+    chex.assert_shape(keys, (input_ids.shape[0],))
     forward_kwargs = forward_kwargs or {}
     batch, prompt_len = input_ids.shape
     eos = jnp.asarray(params.eos_token_ids or (-1,), jnp.int32)
+    step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))  # (keys, step) -> [batch]
 
     cache = model.init_cache(batch, prompt_len + params.max_new_tokens)
     logits, cache = model.forward(input_ids, attention_mask, cache=cache, **forward_kwargs)
-    rng, key = jax.random.split(rng)
-    first = sample_next(logits[:, -1], key, params)
+    first = sample_next(logits[:, -1], step_keys(keys, 0), params)
     tokens = jnp.full((batch, params.max_new_tokens), params.pad_token_id, jnp.int32)
     state = _LoopState(
         step=jnp.ones((), jnp.int32),
@@ -98,7 +103,6 @@ def decode(
         last=first,
         done=jnp.isin(first, eos),
         cache=cache,
-        rng=rng,
     )
 
     def keep_going(s: _LoopState) -> jax.Array:
@@ -107,15 +111,14 @@ def decode(
     def step(s: _LoopState) -> _LoopState:
         ones = jnp.ones((batch, 1), jnp.int32)
         logits, cache = model.forward(s.last[:, None], ones, cache=s.cache, **forward_kwargs)
-        rng, key = jax.random.split(s.rng)
-        nxt = jnp.where(s.done, params.pad_token_id, sample_next(logits[:, -1], key, params))
+        drawn = sample_next(logits[:, -1], step_keys(keys, s.step), params)
+        nxt = jnp.where(s.done, params.pad_token_id, drawn)
         return _LoopState(
             step=s.step + 1,
             tokens=jax.lax.dynamic_update_slice(s.tokens, nxt[:, None], (0, s.step)),
             last=nxt,
             done=s.done | jnp.isin(nxt, eos),
             cache=cache,
-            rng=rng,
         )
 
     final = jax.lax.while_loop(keep_going, step, state)
@@ -127,8 +130,8 @@ def decode(
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "params"))
-def _decode_jit(graphdef, state, input_ids, attention_mask, rng, params):
-    return decode(nnx.merge(graphdef, state), input_ids, attention_mask, rng, params)
+def _decode_jit(graphdef, state, input_ids, attention_mask, keys, params):
+    return decode(nnx.merge(graphdef, state), input_ids, attention_mask, keys, params)
 
 
 def generate(
@@ -141,18 +144,20 @@ def generate(
 ) -> Generation:
     """Generates continuations of left-padded prompts [batch, prompt] with the backbone.
 
-    EOS ids default to the checkpoint's. Compiled once per (shapes, params).
+    `rng` is one key per row ([batch]), or one key for all, from which row i gets
+    fold_in(rng, i); default key(0). EOS ids default to the checkpoint's. Compiled once per
+    (shapes, params).
     """
     params = params or SamplingParams(eos_token_ids=model.config.eos_token_ids)
+    input_ids = jnp.asarray(input_ids, jnp.int32)
     if attention_mask is None:
         attention_mask = jnp.ones_like(input_ids)
     rng = jax.random.key(0) if rng is None else rng
+    if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        rng = jax.random.wrap_key_data(rng)  # a raw uint32 key from jax.random.PRNGKey
+    if rng.ndim == 0:
+        rng = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, jnp.arange(len(input_ids)))
     graphdef, state = nnx.split(model)
     return _decode_jit(
-        graphdef,
-        state,
-        jnp.asarray(input_ids, jnp.int32),
-        jnp.asarray(attention_mask, jnp.int32),
-        rng,
-        params,
+        graphdef, state, input_ids, jnp.asarray(attention_mask, jnp.int32), rng, params
     )
