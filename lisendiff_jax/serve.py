@@ -3,6 +3,7 @@
     python -m lisendiff_jax.serve --workdir DIR [--host 127.0.0.1 --port 8000]
     python -m lisendiff_jax.serve --workdir EXPORT_FOLDER
     python -m lisendiff_jax.serve --backbone tiny            # the BaseLLM baseline
+    python -m lisendiff_jax.serve --workdir DIR --max-batch 16 --batch-wait-ms 10
 
 Routes: `POST /v1/chat/completions` and `GET /v1/models`, so any chat client (the `openai`
 package, the evaluation in `lisendiff_jax.evaluation`) can talk to the model.
@@ -11,20 +12,28 @@ How a chat maps to the model's context: the user and assistant messages, oldest 
 the context turns (`inference.Request.context`); the last one must be the user's. A system
 message is accepted and ignored: the model always answers with the system prompt of its
 target language, the one it was trained with. Honoured: `temperature` (0 = greedy), `top_p`,
-`max_tokens` (or `max_completion_tokens`), `seed`; extra fields `style` ("empathy" or
-"default") and `lang` (e.g. "zh", "yue"; default: the run's target language). `n` must be 1
-and `stream` false. `finish_reason` is always "stop" and no token usage is reported.
+`max_tokens` (or `max_completion_tokens`), `seed` (default 0: the same request gets the same
+reply); extra fields `style` ("empathy" or "default") and `lang` (e.g. "zh", "yue"; default:
+the run's target language). `n` must be 1 and `stream` false. `finish_reason` is always "stop"
+and no token usage is reported.
 
 Bad requests (invalid JSON, unknown roles, no messages, an oversize body, values out of range,
 another model's name) get a 4xx answer with an OpenAI-style error object; a failure inside the
-model answers 500 and the server keeps serving. Requests are handled on threads and the model
-runs one request at a time behind a lock: a request's reply then depends only on its own
-messages and seed (a batch's would depend on its neighbours, see `Listener.reply`).
+model answers 500 to the requests of that batch and the server keeps serving.
+
+Batching: requests are read on threads and handed to one worker thread, which runs the model
+on up to `--max-batch` requests at once: those with the same sampling settings that arrived
+while the model was busy, or within `--batch-wait-ms` of the oldest waiting request. Every
+request draws its randomness from its own seed (`inference.Request.seed`), so its reply is the
+same whether it ran alone or with others (up to rounding where a device's kernels differ by
+batch size). Batches are padded to a power of two (repeating a
+request, whose extra replies are dropped) so that few batch shapes compile.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import threading
@@ -32,6 +41,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Sequence
+from concurrent.futures import Future
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -111,32 +121,122 @@ def parse_chat(body: Any, model_name: str, default_lang: str) -> tuple[Any, Any]
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise RequestError("seed must be an integer", param="seed")
     options = Options(
-        seed=seed or 0,
         temperature=_number(body, "temperature", Options.temperature, 0.0, 2.0),
         top_p=_number(body, "top_p", Options.top_p, 0.0, 1.0),
         max_tokens=max_tokens or Options.max_tokens,
     )
     try:
         request = Request(
-            tuple(turns), body.get("style", "empathy"), body.get("lang", default_lang)
+            tuple(turns),
+            body.get("style", "empathy"),
+            body.get("lang", default_lang),
+            seed=seed or 0,
         )
     except InputError as err:
         raise RequestError(str(err)) from None
     return request, options
 
 
+@dataclasses.dataclass(eq=False)  # jobs are told apart by identity, not by their fields
+class _Job:
+    request: Any  # inference.Request
+    options: Any  # inference.Options
+    arrived: float  # time.monotonic()
+    future: Future
+
+
+class Batcher:
+    """Runs a `Listener` on one worker thread, in batches of the waiting requests that share
+    their options: the oldest waiting request's group, up to `max_batch` of them, once the
+    group is full or the oldest has waited `wait_s`. `batches` counts the batches run."""
+
+    def __init__(self, listener: Any, max_batch: int = 8, wait_s: float = 0.005):
+        if max_batch < 1 or wait_s < 0:
+            raise ValueError(f"need max_batch >= 1 and wait >= 0, got {max_batch}, {wait_s}")
+        self.listener, self.max_batch, self.wait_s = listener, max_batch, wait_s
+        self.batches = 0
+        self._pending: list[_Job] = []
+        self._changed = threading.Condition()
+        self._closed = False
+        self._worker = threading.Thread(target=self._work, name="batcher", daemon=True)
+        self._worker.start()
+
+    def submit(self, request: Any, options: Any) -> Future:
+        """A future of the `inference.Reply` to `request`; it holds the model's exception if
+        the batch failed."""
+        job = _Job(request, options, time.monotonic(), Future())
+        with self._changed:
+            if self._closed:
+                raise RuntimeError("the batcher is closed")
+            self._pending.append(job)
+            self._changed.notify()
+        return job.future
+
+    def close(self) -> None:
+        """Answers the requests already submitted, then stops the worker."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify()
+        self._worker.join()
+
+    def _take(self) -> list[_Job] | None:
+        """The next batch, waiting for it; None once closed and nothing is left."""
+        with self._changed:
+            while not self._pending and not self._closed:
+                self._changed.wait()
+            if not self._pending:
+                return None
+            oldest = self._pending[0]
+            deadline = oldest.arrived + self.wait_s
+            while True:
+                group = [j for j in self._pending if j.options == oldest.options]
+                left = deadline - time.monotonic()
+                if len(group) >= self.max_batch or left <= 0 or self._closed:
+                    break
+                self._changed.wait(left)
+            batch = group[: self.max_batch]
+            self._pending = [j for j in self._pending if j not in batch]
+            return batch
+
+    def _work(self) -> None:
+        while (batch := self._take()) is not None:
+            requests = [job.request for job in batch]
+            size = min(self.max_batch, 1 << (len(batch) - 1).bit_length())
+            padded = requests + requests[-1:] * (size - len(requests))
+            try:
+                replies = self.listener.reply(padded, batch[0].options, size)
+            except Exception as err:  # the callers answer 500; the worker goes on
+                for job in batch:
+                    job.future.set_exception(err)
+            else:
+                for job, reply in zip(batch, replies[: len(batch)], strict=True):
+                    job.future.set_result(reply)
+            self.batches += 1
+
+
 class ChatServer(ThreadingHTTPServer):
-    """A threaded HTTP server around one `inference.Listener`."""
+    """A threaded HTTP server around one `inference.Listener`, run by a `Batcher`."""
 
     daemon_threads = True
     request_queue_size = 512  # the default backlog of 5 drops bursts of concurrent clients
 
-    def __init__(self, address: tuple[str, int], listener: Any, model_name: str):
+    def __init__(
+        self,
+        address: tuple[str, int],
+        listener: Any,
+        model_name: str,
+        max_batch: int = 8,
+        batch_wait_s: float = 0.005,
+    ):
+        self.batcher = Batcher(listener, max_batch, batch_wait_s)
         super().__init__(address, _Handler)
         self.listener, self.model_name = listener, model_name
         self.default_lang = listener.config.data.target_lang
-        self.model_lock = threading.Lock()
         self.created = int(time.time())
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.batcher.close()
 
     def complete(self, body: Any) -> dict:
         """The chat completion object answering `body`."""
@@ -145,8 +245,7 @@ class ChatServer(ThreadingHTTPServer):
             self.listener.prepare(options)  # settings out of range are the client's fault
         except ValueError as err:
             raise RequestError(str(err)) from None
-        with self.model_lock:
-            reply = self.listener.reply([request], options)[0]
+        reply = self.batcher.submit(request, options).result()
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
@@ -224,17 +323,35 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"model error: {type(err).__name__}")
 
 
-def make_server(listener: Any, model_name: str, host: str = "127.0.0.1", port: int = 0):
+def make_server(
+    listener: Any,
+    model_name: str,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    max_batch: int = 8,
+    batch_wait_ms: float = 5.0,
+) -> ChatServer:
     """A bound, not yet serving `ChatServer`; port 0 picks a free port (`server.server_port`).
-    Call `serve_forever()` (e.g. on a background thread) and `shutdown()` to stop."""
-    return ChatServer((host, port), listener, model_name)
+    Call `serve_forever()` (e.g. on a background thread), then `shutdown()` and
+    `server_close()` to stop."""
+    return ChatServer((host, port), listener, model_name, max_batch, batch_wait_ms / 1000)
 
 
-def serve(model: Any, config: Any, tokenizer: Any, model_name: str, host: str, port: int) -> None:
+def serve(
+    model: Any,
+    config: Any,
+    tokenizer: Any,
+    model_name: str,
+    host: str,
+    port: int,
+    max_batch: int = 8,
+    batch_wait_ms: float = 5.0,
+) -> None:
     """Serves a loaded (model, config, tokenizer) until interrupted."""
     from lisendiff_jax.inference import Listener
 
-    server = make_server(Listener(model, config, tokenizer), model_name, host, port)
+    listener = Listener(model, config, tokenizer)
+    server = make_server(listener, model_name, host, port, max_batch, batch_wait_ms)
     print(f"serving {model_name!r} on http://{host}:{server.server_port}/v1", flush=True)
     try:
         server.serve_forever()
@@ -254,9 +371,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--model-name", help="the served model's name (default: the folder's)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=8, help="requests run at once (default 8)")
+    p.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=5.0,
+        help="how long a request may wait for others to share its batch (default 5)",
+    )
     args = p.parse_args(argv)
     if bool(args.workdir) == bool(args.backbone):
         p.error("give exactly one of --workdir and --backbone")
+    if args.max_batch < 1 or args.batch_wait_ms < 0:
+        p.error("--max-batch must be >= 1 and --batch-wait-ms >= 0")
     from absl import logging
 
     from lisendiff_jax.chat import load_model
@@ -271,7 +397,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     name = args.model_name or (folder.absolute().name if folder else args.backbone)
     try:
-        serve(model, config, tokenizer, name, args.host, args.port)
+        serve(
+            model, config, tokenizer, name, args.host, args.port, args.max_batch, args.batch_wait_ms
+        )
     except KeyboardInterrupt:
         pass
     return 0

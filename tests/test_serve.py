@@ -12,7 +12,7 @@ import time
 import openai
 import pytest
 
-from lisendiff_jax.inference import Listener
+from lisendiff_jax.inference import Listener, Options, Request
 from lisendiff_jax.restore import load_workdir
 from lisendiff_jax.serve import make_server
 
@@ -68,6 +68,10 @@ def test_models_and_a_seeded_completion(server):
     assert first.choices[0].message.role == "assistant"
     assert isinstance(first.choices[0].message.content, str)
     assert ask(3).choices[0].message.content == first.choices[0].message.content
+    # The reply sample.py --seed 3 gives for the same context and settings.
+    request = Request(tuple(m["content"] for m in CHAT[1:]), "default", "yue")
+    options = Options(seed=3, temperature=0.9, top_p=0.95, max_tokens=8)
+    assert first.choices[0].message.content == server.listener.reply([request], options)[0].text
 
 
 @pytest.mark.parametrize(
@@ -119,19 +123,57 @@ def test_a_model_error_answers_500_and_the_server_lives_on(server, monkeypatch):
     assert client(server).chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4)
 
 
+def test_concurrent_requests_are_batched_and_answered_as_alone(server):
+    c = client(server, timeout=120)
+    ask = lambda i: c.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": f"Tell me about day {i}."}],
+        temperature=1.0,
+        top_p=1.0,
+        max_tokens=6,
+        seed=i // 2,  # pairs of requests share a seed, not their words
+    )
+    alone = [ask(i).choices[0].message.content for i in range(32)]  # one batch each
+    before = server.batcher.batches
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        together = [r.choices[0].message.content for r in pool.map(ask, range(32))]
+    assert server.batcher.batches - before < 32
+    assert together == alone
+    assert len(set(alone)) > 12  # the replies differ: equal lists say something
+
+
+def test_an_error_answers_500_to_its_batch_only(server, monkeypatch):
+    reply = server.listener.reply
+
+    def broken_for_five_tokens(requests, options, batch_size):
+        if options.max_tokens == 5:
+            raise RuntimeError("boom")
+        return reply(requests, options, batch_size)
+
+    monkeypatch.setattr(server.listener, "reply", broken_for_five_tokens)
+    ask = lambda i: post(
+        server, json.dumps({"messages": CHAT, "max_tokens": 4 + i % 2, "seed": i}).encode()
+    )
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(ask, range(16)))
+    assert [code for code, _ in answers] == [200, 500] * 8
+    assert all(p["error"]["type"] == "server_error" for code, p in answers if code == 500)
+
+
 def test_concurrent_requests_all_answered(server):
     n = 200
     c = client(server, timeout=120)
     ask = lambda i: c.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": f"Hello {i}"}], max_tokens=4, seed=i
     )
-    ask(0)  # compile outside the timed part
-    start = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(n) as pool:  # all n in flight at once
-        replies = list(pool.map(ask, range(n)))
-    seconds = time.perf_counter() - start
-    assert len({r.id for r in replies}) == n
-    print(f"{n} concurrent requests in {seconds:.1f}s: {n / seconds:.1f} requests/s")
+    ask(0)  # compile one request's shape outside the timed part
+    for wave in ("first", "second"):  # the first also compiles the batch shapes of the load
+        start = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(n) as pool:  # all n in flight at once
+            replies = list(pool.map(ask, range(n)))
+        seconds = time.perf_counter() - start
+        assert len({r.id for r in replies}) == n
+        print(f"{wave} wave: {n} concurrent requests in {seconds:.1f}s: {n / seconds:.1f}/s")
 
 
 def test_command_line_errors_are_one_line(capsys):
