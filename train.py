@@ -4,7 +4,10 @@
     python train.py --config configs/llama_ja.py --workdir runs/llama_ja \
         --config.data.sources.j_daily_dialog.path=/data/jdd ...
 
-Running it again on the same workdir resumes from the latest checkpoint.
+Running it again on the same workdir resumes from the latest checkpoint. All visible devices
+form the mesh of `--config.mesh.*` (data x fsdp x tensor). On several hosts, run the same
+command on each with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID set (or
+under SLURM / Open MPI), the workdir on a shared file system (README, "Many devices").
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from ml_collections import config_flags
 
 from lisendiff_jax.config import ConfigError, check_key, load_config
 from lisendiff_jax.errors import UserError
+from lisendiff_jax.sharding import initialize_distributed
 from lisendiff_jax.training import train
 
 HERE = Path(__file__).resolve().parent
@@ -45,6 +49,7 @@ def main(argv: list[str]) -> None:
     config = FLAGS.config
     workdir = Path(FLAGS.workdir or HERE / "workdirs" / config.name)
     try:
+        initialize_distributed()  # before anything starts JAX's backends
         path = train(config, workdir)
     except KeyboardInterrupt:
         sys.exit(130)

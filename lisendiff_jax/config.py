@@ -51,6 +51,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.clip_grad_norm = 1.0
     c.optimizer_state_dtype = "float32"  # bfloat16 halves Adam's first moment
 
+    # The device mesh (lisendiff_jax.sharding): sizes of the data, fsdp and tensor axes, one of
+    # them -1 for "the remaining devices"; rules move logical axes, e.g. ("vocab=fsdp",).
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, rules=()))
+
     c.model = ml_collections.ConfigDict()
     m = c.model
     m.backbone = "meta-llama/Llama-3.1-8B-Instruct"  # hub id, local folder, or "tiny"
@@ -174,6 +178,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(c.warmup_steps >= 0, "warmup_steps", "must be >= 0")
     _check(c.clip_grad_norm >= 0, "clip_grad_norm", "must be >= 0 (0 = no clipping)")
     _one_of(c.optimizer_state_dtype, ("float32", "bfloat16"), "optimizer_state_dtype")
+
+    sizes = [c.mesh[axis] for axis in ("data", "fsdp", "tensor")]
+    _check(
+        all(s > 0 or s == -1 for s in sizes) and sizes.count(-1) <= 1,
+        "mesh",
+        "data, fsdp and tensor must be positive, one of them may be -1 (the remaining devices)",
+    )
 
     m = c.model
     for option in ("param_dtype", "compute_dtype", "trainable_dtype"):

@@ -107,14 +107,24 @@ LossFn = Callable[
 
 
 def make_train_step(
-    tx: optax.GradientTransformation, loss_fn: LossFn
+    tx: optax.GradientTransformation,
+    loss_fn: LossFn,
+    shardings: tuple[Any, Any, Any, Any, jax.sharding.Sharding] | None = None,
 ) -> Callable[..., tuple[nnx.State, Any, dict[str, jax.Array]]]:
     """A jitted `step(trainable, frozen, opt_state, batch, rng) -> (trainable, opt_state,
     metrics)`. `loss_fn(trainable, frozen, batch, rng) -> (loss, metrics)` is differentiated
     with respect to `trainable` only; `frozen` (a tuple of the model's other states) gets no
-    gradient. `trainable` and `opt_state` are donated: use the returned ones."""
+    gradient. `trainable` and `opt_state` are donated: use the returned ones.
 
-    @functools.partial(jax.jit, donate_argnums=(0, 2))
+    On a mesh, `shardings` gives the shardings of (trainable, frozen, opt_state, batch, rng)
+    (trees, or prefixes of them, as `jax.jit` takes): the updated parameters and optimizer
+    state keep theirs, and the metrics are replicated."""
+    jit_kw = {}
+    if shardings is not None:
+        trainable_sh, _, opt_sh, _, replicated = shardings
+        jit_kw = dict(in_shardings=shardings, out_shardings=(trainable_sh, opt_sh, replicated))
+
+    @functools.partial(jax.jit, donate_argnums=(0, 2), **jit_kw)
     def step(trainable, frozen, opt_state, batch, rng):
         (total, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             trainable, frozen, batch, rng

@@ -8,6 +8,11 @@ Workdir layout:
                       statistics and RNG key; meta with the data position
 Everything a step needs is derived from (seed, step), so a run resumed from a checkpoint
 continues exactly as if it had never stopped.
+
+On a mesh (config `mesh`, see sharding.py) parameters, optimizer state and batches are split
+over the devices by the logical-axis rules; with several processes (one per host), each feeds
+its own rows of every global batch, and process 0 alone writes the workdir's files besides the
+checkpoints (which orbax writes from every process).
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from lisendiff_jax.backbone import BackboneConfig, load_backbone
@@ -38,6 +45,7 @@ from lisendiff_jax.encoder import make_encoder
 from lisendiff_jax.encoder_cache import prepare_split
 from lisendiff_jax.errors import UserError
 from lisendiff_jax.model import LisenDiff, check_settings, split_for_training, training_loss
+from lisendiff_jax.sharding import MeshPlan, shard_fn
 from lisendiff_jax.tiny import default_cache_root, tiny_backbone_path
 from lisendiff_jax.train_step import make_optimizer, make_train_step
 
@@ -103,11 +111,27 @@ class MetricsLog:
 
 
 class Trainer:
-    """Builds everything for `config` in `workdir`, restoring the latest checkpoint if any."""
+    """Builds everything for `config` in `workdir`, restoring the latest checkpoint if any.
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path, progress=True):
+    `mesh` overrides the config's `mesh` section (e.g. a plan over some of the devices)."""
+
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        workdir: str | Path,
+        progress: bool = True,
+        mesh: MeshPlan | None = None,
+    ):
         validate(config)
-        self.config, self.progress = config, progress
+        self.primary = jax.process_index() == 0
+        self.config, self.progress = config, progress and self.primary
+        self.mesh = MeshPlan.from_config(config) if mesh is None else mesh
+        if config.batch_size % self.mesh.batch_divisor:
+            raise ConfigError(
+                f"--config.batch_size: {config.batch_size} rows do not split over the mesh's "
+                f"{self.mesh.batch_divisor} data-parallel devices; use a multiple of "
+                f"{self.mesh.batch_divisor}"
+            )
         self.workdir = Path(workdir).resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
         _check_workdir_config(self.workdir, config)
@@ -129,43 +153,67 @@ class Trainer:
             config.seed,
             d.unit,
         )
-        print(summary_table(mix))
+        if self.primary:
+            print(summary_table(mix))
         self.examples: list[Example] = mix.examples
         self.encoded = encode_examples(
-            tokenizer, self.examples, system_prompt(d.target_lang), d.max_length, progress
+            tokenizer, self.examples, system_prompt(d.target_lang), d.max_length, self.progress
         )
         encoder = make_encoder(d.encoder)
         cache_dir = d.cache_dir or default_cache_root() / "embeddings"
-        self.split = prepare_split(
+        prepare = functools.partial(
+            prepare_split,
             self.examples,
             encoder,
             cache_dir,
             self.workdir / "data" / "train",
             d.max_context,
             d.encoder_batch_size,
-            progress,
+            self.progress,
         )
+        # Process 0 encodes and writes the split; the others then find it complete and read it.
+        if self.primary:
+            self.split = prepare()
+        multihost_utils.sync_global_devices("lisendiff_jax: training split prepared")
+        if not self.primary:
+            self.split = prepare()
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.buckets = length_buckets(d.max_length)
 
-        backbone = load_backbone(folder, dtype=m.param_dtype, compute_dtype=m.compute_dtype)
+        backbone = load_backbone(
+            folder,
+            dtype=m.param_dtype,
+            compute_dtype=m.compute_dtype,
+            sharding=shard_fn(self.mesh),
+        )
         backbone.remat = m.remat
         seed = config.seed
         model = LisenDiff(backbone, m, encoder.dim, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
         model.set_latent_stats(fit_latent_stats(self.split.response_latents))
-        self.graphdef, self.trainable, self.frozen = split_for_training(model)
+        graphdef, trainable, frozen = split_for_training(model)
+        self.graphdef = graphdef
+        self.trainable, self.frozen = self.mesh.place(trainable), self.mesh.place(frozen)
         self.total_steps = config.num_steps or math.ceil(len(self.examples) / config.batch_size)
         self.tx = make_optimizer(config, max(self.total_steps // config.grad_accum_steps, 1))
-        self.opt_state = self.tx.init(self.trainable)
-        self.base_key = jax.random.key(seed)
+        self.shardings = self.mesh.step_shardings(
+            self.trainable,
+            self.frozen,
+            jax.eval_shape(self.tx.init, self.trainable),
+            config.batch_size,
+        )
+        self.opt_state = jax.jit(self.tx.init, out_shardings=self.shardings[2])(self.trainable)
+        self.base_key = self.mesh.place(jax.random.key(seed), self.mesh.replicated)
         self.step = 0
         self.position = DataPosition()
         self.stop_requested = False
         self.checkpointer = Checkpointer(self.workdir, keep=config.keep_checkpoints)
         if self.checkpointer.latest_step() is not None:
             self._restore()
-        (self.workdir / "config.json").write_text(config.to_json(indent=1))
-        self._step_fn = make_train_step(self.tx, functools.partial(training_loss, self.graphdef))
+        if self.primary:
+            (self.workdir / "config.json").write_text(config.to_json(indent=1))
+        self._step_fn = make_train_step(
+            self.tx, functools.partial(training_loss, self.graphdef), self.shardings
+        )
 
     # -- checkpoints ---------------------------------------------------------------------
     def _checkpoint_state(self) -> dict:
@@ -183,7 +231,8 @@ class Trainer:
         self.base_key = jax.random.wrap_key_data(state["rng"])
         self.step = int(meta["step"])
         self.position = DataPosition.from_dict(meta["data"])
-        print(f"resumed from {self.workdir / str(self.step)} (step {self.step})")
+        if self.primary:
+            print(f"resumed from {self.workdir / str(self.step)} (step {self.step})")
 
     def save(self) -> Path:
         """Checkpoints the current step (a no-op when that step is saved already)."""
@@ -212,11 +261,13 @@ class Trainer:
             self.config.seed,
             start=self.position,
         )
+        rows, size = self.mesh.process_rows(self.config.batch_size), self.config.batch_size
         for tokens, position in stream:
-            batch = dict(tokens, **self.split.take(tokens["example_index"]))
-            batch.pop("example_index")
-            n_tokens = int(tokens["attention_mask"].sum())
-            yield {k: jnp.asarray(v) for k, v in batch.items()}, position, n_tokens
+            # Only this process's rows are read; the global batch is assembled on the mesh.
+            local = {k: v[rows] for k, v in tokens.items()}
+            local.update(self.split.take(local.pop("example_index")))
+            n_tokens = int(np.sum(tokens["attention_mask"]))
+            yield {k: self.mesh.global_array(v, size) for k, v in local.items()}, position, n_tokens
 
     def run(self, until: int | None = None) -> int:
         """Trains up to step `until` (default: the configured total), checkpointing every
@@ -224,55 +275,56 @@ class Trainer:
         TrainingError before anything is saved, so the last checkpoint stays the last good one.
         """
         until = self.total_steps if until is None else until
-        c = self.config
-        log = MetricsLog(self.workdir)
+        log = MetricsLog(self.workdir) if self.primary else None
         bar = tqdm(total=until, initial=self.step, desc="training", disable=not self.progress)
-        all_finite = jnp.ones((), bool)
-        tokens, started = 0, time.perf_counter()
         try:
-            for batch, position, n_tokens in self.batches():
-                if self.step >= until or self.stop_requested:
-                    break
-                rng = jax.random.fold_in(self.base_key, self.step)
-                self.trainable, self.opt_state, metrics = self._step_fn(
-                    self.trainable,
-                    self.frozen,
-                    self.opt_state,
-                    batch,
-                    rng,
-                )
-                all_finite = all_finite & jnp.isfinite(metrics["loss"])
-                self.step += 1
-                self.position = position
-                tokens += n_tokens
-                bar.update(1)
-                due_log = self.step % c.log_every == 0 or self.step == until
-                due_save = self.step % c.checkpoint_every == 0
-                if due_log or due_save:
-                    if not bool(all_finite):
-                        raise TrainingError(
-                            f"non-finite loss before step {self.step}; stopped without saving "
-                            f"(last good checkpoint: {self.checkpointer.latest_step()}). "
-                            "Lower --config.learning_rate or check the data."
-                        )
-                if due_log:
-                    elapsed = time.perf_counter() - started
-                    record = {k: float(v) for k, v in metrics.items()}
-                    record.update(step=self.step, tokens_per_s=tokens / max(elapsed, 1e-9))
-                    log.write(record)
-                    bar.set_postfix(
-                        loss=f"{record['loss']:.3f}",
-                        lm=f"{record['lm_loss']:.3f}",
-                        diff=f"{record['diff_loss']:.3f}",
-                        tok_s=f"{record['tokens_per_s']:.0f}",
-                    )
-                    tokens, started = 0, time.perf_counter()
-                if due_save:
-                    self.save()
+            with self.mesh.active():
+                self._loop(until, log, bar)
         finally:
             bar.close()
-            log.close()
+            if log is not None:
+                log.close()
         return self.step
+
+    def _loop(self, until: int, log: MetricsLog | None, bar: tqdm) -> None:
+        c = self.config
+        all_finite = jnp.ones((), bool)
+        tokens, started = 0, time.perf_counter()
+        for batch, position, n_tokens in self.batches():
+            if self.step >= until or self.stop_requested:
+                break
+            rng = jax.random.fold_in(self.base_key, self.step)
+            self.trainable, self.opt_state, metrics = self._step_fn(
+                self.trainable, self.frozen, self.opt_state, batch, rng
+            )
+            all_finite = all_finite & jnp.isfinite(metrics["loss"])
+            self.step += 1
+            self.position = position
+            tokens += n_tokens
+            bar.update(1)
+            due_log = self.step % c.log_every == 0 or self.step == until
+            due_save = self.step % c.checkpoint_every == 0
+            if (due_log or due_save) and not bool(all_finite):
+                raise TrainingError(
+                    f"non-finite loss before step {self.step}; stopped without saving "
+                    f"(last good checkpoint: {self.checkpointer.latest_step()}). "
+                    "Lower --config.learning_rate or check the data."
+                )
+            if due_log:
+                elapsed = time.perf_counter() - started
+                record = {k: float(v) for k, v in metrics.items()}
+                record.update(step=self.step, tokens_per_s=tokens / max(elapsed, 1e-9))
+                if log is not None:
+                    log.write(record)
+                bar.set_postfix(
+                    loss=f"{record['loss']:.3f}",
+                    lm=f"{record['lm_loss']:.3f}",
+                    diff=f"{record['diff_loss']:.3f}",
+                    tok_s=f"{record['tokens_per_s']:.0f}",
+                )
+                tokens, started = 0, time.perf_counter()
+            if due_save:
+                self.save()
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path, progress: bool = True) -> Path:

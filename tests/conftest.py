@@ -1,15 +1,23 @@
-"""Test-wide settings: tests never reach a model hub and run JAX on the CPU."""
+"""Test-wide settings: tests never reach a model hub and run JAX on the CPU, which shows
+8 virtual devices, so that every training run in the suite goes through the sharded path
+(a config's default mesh spreads over all devices) and test_sharding can build meshes."""
 
 import os
 from pathlib import Path
 
 import pytest
-from tiny_workdir import make_tiny_workdir
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Read when JAX first starts its CPU backend, which nothing has done yet at this point.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
+
+from tiny_workdir import make_tiny_workdir  # noqa: E402 (after the environment is set)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -225,6 +225,8 @@ def loop_config(tmp_path: Path, num_steps: int, checkpoint_every: int):
     )
     c.data.max_length = 96
     c.batch_size = 2
+    # Rows split over 2 of the 8 test devices, the model also over the other factor of 4.
+    c.mesh.fsdp, c.mesh.tensor = 2, -1
     c.num_steps, c.checkpoint_every, c.log_every = num_steps, checkpoint_every, 1
     c.learning_rate, c.warmup_steps = 3e-3, 0
     return c

@@ -11,9 +11,10 @@ import json
 import mmap
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -160,14 +161,30 @@ def resolve_checkpoint(path_or_hub_id: str | os.PathLike) -> Path:
         ) from None
 
 
+def _sharded(
+    tensor: np.ndarray,
+    dtype: jnp.dtype,
+    sharding: Callable[[str, tuple[int, ...]], jax.sharding.Sharding],
+    path: tuple[str | int, ...],
+) -> jax.Array:
+    placement = sharding(".".join(map(str, path)), tensor.shape)
+    return jax.make_array_from_callback(
+        tensor.shape, placement, lambda index: np.asarray(tensor[index]).astype(dtype)
+    )
+
+
 def load_backbone(
     path_or_hub_id: str | os.PathLike,
     dtype: str | jnp.dtype = "float32",
     compute_dtype: str | jnp.dtype | None = None,
+    sharding: Callable[[str, tuple[int, ...]], jax.sharding.Sharding] | None = None,
 ) -> Decoder:
     """A Decoder with the checkpoint's weights in `dtype`, computing in `compute_dtype`.
 
     `compute_dtype` defaults to `dtype`; logits and attention softmax are float32 either way.
+    `sharding(path, shape)`, when given, places each tensor (path like
+    "layers.0.mlp.up_proj.kernel") as it is read: each device receives only its own piece,
+    read from the memory-mapped file, so no device or host ever holds the whole model.
     """
     folder = resolve_checkpoint(path_or_hub_id)
     config = BackboneConfig.from_pretrained(folder)
@@ -196,8 +213,12 @@ def load_backbone(
                     f"{file}: tensor {name} has shape {tuple(tensor.shape)}, "
                     f"expected {tuple(expected)}"
                 )
-            value = jnp.asarray(tensor)  # transposed and cast on the device, not in NumPy
-            variable.set_value((value.T if transpose else value).astype(param_dtype))
+            if sharding is None:
+                value = jnp.asarray(tensor)  # transposed and cast on the device, not in NumPy
+                value = (value.T if transpose else value).astype(param_dtype)
+            else:
+                value = _sharded(tensor.T if transpose else tensor, param_dtype, sharding, path)
+            variable.set_value(value)
             filled.add(path)
     missing = [path_to_hf_key(p)[0] for p in targets if p not in filled]
     if missing:

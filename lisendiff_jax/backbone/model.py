@@ -15,6 +15,7 @@ from flax import nnx, struct
 
 from lisendiff_jax.backbone.config import BackboneConfig
 from lisendiff_jax.backbone.rope import apply_rotary, inverse_frequencies, rotary_tables
+from lisendiff_jax.sharding import constrain
 
 # Rematerialisation policies for training: what each decoder layer keeps for the backward pass.
 REMAT_POLICIES = {
@@ -282,6 +283,9 @@ class Decoder(nnx.Module):
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.keys[i], cache.values[i])
             x, kv = call_layer(layer, x, cos, sin, allowed, kv, end, latents, latent_mask)
+            # On a mesh: the residual stream split by rows only, so that FSDP gathers weights
+            # rather than activations (a no-op on one device).
+            x = constrain(x, ("batch", "length", "act_embed"))
             if kv is not None:
                 new_keys.append(kv[0])
                 new_values.append(kv[1])
