@@ -1,10 +1,15 @@
 """The evaluation's pure parts: statistics on known answers, judge-reply parsing, the A/B
-order-swap rule, resuming simulations after an interruption, and the report."""
+order-swap rule, resuming simulations and judging after an interruption or a kill, and the
+report."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import multiprocessing
+import os
+import signal
 
 import pytest
 
@@ -15,6 +20,8 @@ from lisendiff_jax.evaluation.judge import (
     JudgeParseError,
     ask,
     combine,
+    compare,
+    outcomes,
     parse_ratings,
     parse_verdicts,
     rate,
@@ -157,6 +164,69 @@ def test_simulation_resumes_after_an_interruption(tmp_path):
     assert len(records) == 6
     assert [t["role"] for t in records[0]["turns"]] == ["speaker", "listener"] * 3
     assert simulate(situations, Echo(fail_at=1), Echo(fail_at=1), "ours", out) == records
+
+
+class HashJudge:
+    """A judge whose answer is a function of what it is shown (scores, or A/B/tie, from a hash
+    of the conversations), so that any two runs agree. Counts its answers; at call `kill_at`
+    it kills its own process instead of answering, as a power cut or `kill -9` would."""
+
+    def __init__(self, kill_at: int = 0):
+        self.calls = self.answers = 0
+        self.kill_at = kill_at
+
+    def complete(self, messages, **sampling):
+        self.calls += 1
+        if self.calls == self.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        text = messages[-1]["content"]
+        digest = hashlib.sha256(text.encode()).digest()
+        if text.startswith("Conversation A"):
+            answer = {m: ("A", "B", "tie")[digest[i] % 3] for i, m in enumerate(METRICS)}
+        else:
+            answer = {m: digest[i] % 11 for i, m in enumerate(METRICS)}
+        self.answers += 1
+        return json.dumps(answer)
+
+
+def conversations(system: str, n: int) -> list[dict]:
+    turns = lambda i: [
+        {"role": "speaker", "text": f"Something sad happened, number {i}."},
+        {"role": "listener", "text": f"{system} is sorry about {i}."},
+    ]
+    return [{"id": f"s{i}", "system": system, "lang": "zh", "turns": turns(i)} for i in range(n)]
+
+
+def judge_all(command: str, judge, out=None):
+    if command == "rate":
+        return rate(conversations("ours", 3) + conversations("base", 3), judge, 1, out=out)
+    return compare(conversations("ours", 4), conversations("base", 4), judge, 1, out=out)
+
+
+@pytest.mark.parametrize("command, judgments", [("rate", 6), ("compare", 8)])
+def test_judging_resumes_after_a_kill_without_repeating_or_losing_one(command, judgments, tmp_path):
+    whole = HashJudge()
+    expected = judge_all(command, whole)
+    assert whole.calls == judgments and expected[1] == []
+    out = tmp_path / f"{command}.jsonl"
+    killed = multiprocessing.get_context("spawn").Process(
+        target=judge_all, args=(command, HashJudge(kill_at=4), out)
+    )
+    killed.start()
+    killed.join(120)
+    assert killed.exitcode == -signal.SIGKILL
+    assert len(out.read_text().splitlines()) == 3  # the answers before the kill, one line each
+    with open(out, "a") as f:  # and a kill in the middle of writing a fourth
+        f.write('{"id": "s3", "system": "ours", "sco')
+    if command == "compare":  # the report leaves out the pair judged in one order only
+        assert len(outcomes([json.loads(line) for line in out.read_text().splitlines()[:3]])) == 1
+    rest = HashJudge()
+    assert judge_all(command, rest, out) == expected
+    assert 3 + rest.calls == judgments
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(lines) == judgments
+    again = HashJudge()
+    assert judge_all(command, again, out) == expected and again.calls == 0
 
 
 def test_speaker_prompt_follows_the_situation():

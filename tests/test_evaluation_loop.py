@@ -108,6 +108,8 @@ def test_command_line_runs_the_loop(urls, tmp_path):
     judge = ["--judge-url", fixed, "--judge-model", "fixed-judge"]
     files = ["--transcripts", str(transcripts)]
     assert main(["rate", *judge, *files, "--out", str(tmp_path / "ratings.jsonl")]) == 0
+    ratings = (tmp_path / "ratings.jsonl").read_text().splitlines()
+    assert len(ratings) == 4  # without --system: every system's conversations
     ab = ["compare", *judge, *files, "--x", "empathy", "--y", "default"]
     assert main([*ab, "--out", str(tmp_path / "ab.jsonl")]) == 0
     report = ["report", "--ratings", str(tmp_path / "ratings.jsonl"), "--x", "empathy"]

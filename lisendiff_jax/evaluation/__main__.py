@@ -12,9 +12,12 @@
 Every role is an OpenAI-compatible endpoint: --ROLE-url, --ROLE-model, --ROLE-key-env (the
 name of the environment variable holding the API key; the key itself is never printed) and
 --ROLE-extra (a JSON object sent with every request, e.g. '{"style": "empathy"}' for our
-server). Situations default to the bundled Mandarin and Cantonese ones. A simulation run
-again with the same --out resumes. Judge failures (replies that never parsed) are written to
-the output file's `.failures.jsonl` sibling and counted on stderr, never in the results.
+server). Situations default to the bundled Mandarin and Cantonese ones. Every finished
+conversation, rating and A/B judgment (one order of one pair) is appended to --out as it is
+made, so a run again with the same --out resumes: it repeats and loses none. Judge failures
+(replies that never parsed) are written to the output file's `.failures.jsonl` sibling and
+counted on stderr, never in the results; a rerun asks for them again. The report reads the
+files that rate and compare wrote; a pair judged in one order only is left out of it.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from pathlib import Path
 
 from lisendiff_jax.data.bundled import load_situations, sample_path
 from lisendiff_jax.evaluation.client import Client, Endpoint
-from lisendiff_jax.evaluation.judge import compare, rate
+from lisendiff_jax.evaluation.judge import compare, outcomes, rate
 from lisendiff_jax.evaluation.report import ab_table, paired_table, ratings_chart, ratings_table
 from lisendiff_jax.evaluation.simulate import simulate
 from lisendiff_jax.evaluation.transcripts import ResultsFile
@@ -97,7 +100,6 @@ def _write(path: Path, records: Sequence[dict]) -> None:
 
 
 def _judged(out: Path, results: list[dict], failures: list[dict]) -> None:
-    _write(out, results)
     _write(out.with_suffix(".failures.jsonl"), failures)
     print(f"{len(results)} judged, {len(failures)} unparseable or failed", file=sys.stderr)
 
@@ -115,13 +117,22 @@ def run(args: argparse.Namespace) -> None:
         of = lambda name: [t for t in transcripts if name in (None, t["system"])]
         judge = _client(args, "judge")
         if args.command == "rate":
-            _judged(args.out, *rate(of(args.system), judge, args.workers))
+            _judged(args.out, *rate(of(args.system), judge, args.workers, out=args.out))
         else:
-            _judged(args.out, *compare(of(args.x), of(args.y), judge, args.workers))
+            pairs = compare(of(args.x), of(args.y), judge, args.workers, out=args.out)
+            _judged(args.out, *pairs)
     else:
         args.out_dir.mkdir(parents=True, exist_ok=True)
         if args.outcomes:
-            (args.out_dir / "ab_table.md").write_text(ab_table(_read(args.outcomes)) + "\n")
+            judgments = _read(args.outcomes)
+            pairs = outcomes(judgments)
+            half = len({(j["x"], j["y"], j["id"]) for j in judgments}) - len(pairs)
+            if half:
+                print(
+                    f"{half} pair(s) judged in one order only are left out; rerun compare",
+                    file=sys.stderr,
+                )
+            (args.out_dir / "ab_table.md").write_text(ab_table(pairs) + "\n")
         if args.ratings:
             ratings = _read(args.ratings)
             (args.out_dir / "ratings.md").write_text(ratings_table(ratings) + "\n")

@@ -10,17 +10,24 @@ A/B: each pair is judged twice, once in each order, so that a judge's liking for
 (or second) position cancels out; a metric counts as a win only when both orders pick the
 same system, and anything else (a tie in either order, or the two orders disagreeing) is a
 tie.
+
+Resuming: every judgment (the rating of one conversation, or one order of one A/B pair) is
+appended to a JSONL file the moment it is made (`transcripts.ResultsFile`: one whole, synced
+line each; a line torn by a kill is dropped). A run on the same file asks the judge only for
+the judgments not in it, so an interrupted run loses and repeats none.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, TypeVar
 
 from lisendiff_jax.evaluation.client import Chat
 from lisendiff_jax.evaluation.jobs import run_jobs
+from lisendiff_jax.evaluation.transcripts import ResultsFile
 
 # metric: (what it measures, low 0-3, moderate 4-6, high 7-10)
 METRICS: Mapping[str, tuple[str, str, str, str]] = {
@@ -69,6 +76,8 @@ METRICS: Mapping[str, tuple[str, str, str, str]] = {
 }
 Verdict = Literal["A", "B", "tie"]
 Outcome = Literal["win", "lose", "tie"]
+Order = Literal["xy", "yx"]  # which system is shown as A
+ORDERS: tuple[Order, ...] = ("xy", "yx")
 T = TypeVar("T")
 
 
@@ -214,17 +223,33 @@ def combine(first: Mapping[str, Verdict], second: Mapping[str, Verdict]) -> dict
     return outcomes
 
 
-def _collect(jobs: Mapping[str, Callable[[], dict]], workers: int) -> tuple[list, list]:
-    """Runs `jobs` (named by situation id): (results, failures), in id order. A failure record
-    holds the id, the error and, for a judge that never gave a parseable reply, that reply."""
-    results, errors = run_jobs(jobs, workers)
+def _judge(
+    jobs: Mapping[tuple, Callable[[], dict]],
+    results: ResultsFile,
+    workers: int,
+    fields: tuple[str, ...],
+) -> list[dict]:
+    """Runs the `jobs` whose key is not in `results` yet, appending each judgment to it the
+    moment it is made; returns the failures, in key order. A failure record holds the key's
+    `fields`, the error and, for a judge that never gave a parseable reply, that reply."""
+    done = results.done()
+
+    def judged(job: Callable[[], dict]) -> Callable[[], None]:
+        return lambda: results.append(job())
+
+    todo = {key: judged(job) for key, job in jobs.items() if key not in done}
+    _, errors = run_jobs(todo, workers)
     failures = []
-    for name, err in sorted(errors.items()):
-        failure = {"id": name, "error": str(err) or repr(err)}
+    for key, err in sorted(errors.items()):
+        failure = {**dict(zip(fields, key, strict=True)), "error": str(err) or repr(err)}
         if isinstance(err, JudgeFailure):
             failure["reply"] = err.reply
         failures.append(failure)
-    return [results[name] for name in sorted(results)], failures
+    return failures
+
+
+RATING_KEY = ("system", "id")
+COMPARISON_KEY = ("x", "y", "id", "order")
 
 
 def rate(
@@ -233,9 +258,13 @@ def rate(
     workers: int = 4,
     attempts: int = 3,
     sampling: Mapping[str, Any] = {},
+    out: str | os.PathLike | None = None,
 ) -> tuple[list[dict], list[dict]]:
-    """(ratings, failures) of one system's transcripts; a rating record holds id, system,
-    lang and the metric scores. `sampling` goes with every judge request."""
+    """(ratings, failures) of the transcripts, in (system, id) order; a rating record holds
+    id, system, lang and the metric scores. `sampling` goes with every judge request. With
+    `out`, every rating is appended to that JSONL file as soon as it is made, and the ones
+    already there are not asked again, so an interrupted run resumes where it stopped."""
+    results = ResultsFile(out, RATING_KEY)
 
     def job(t: dict) -> Callable[[], dict]:
         def run() -> dict:
@@ -244,7 +273,10 @@ def rate(
 
         return run
 
-    return _collect({t["id"]: job(t) for t in transcripts}, workers)
+    jobs = {(t["system"], t["id"]): job(t) for t in transcripts}
+    failures = _judge(jobs, results, workers, RATING_KEY)
+    ratings = {results.key(r): r for r in results.records if results.key(r) in jobs}
+    return [ratings[key] for key in sorted(ratings)], failures
 
 
 def compare(
@@ -254,35 +286,60 @@ def compare(
     workers: int = 4,
     attempts: int = 3,
     sampling: Mapping[str, Any] = {},
+    out: str | os.PathLike | None = None,
 ) -> tuple[list[dict], list[dict]]:
     """(outcomes, failures) of system x against system y on the situations both have; an
-    outcome record holds id, lang, the two systems and X's win/lose/tie per metric."""
+    outcome record holds id, lang, the two systems and X's win/lose/tie per metric.
+
+    Each order is one judgment: a record of id, lang, x, y, `order` ("xy": X shown as A;
+    "yx": X shown as B) and the judge's verdicts. With `out`, every judgment is appended to
+    that JSONL file as soon as it is made and the ones already there are not asked again;
+    `outcomes` turns the file's judgments into outcomes."""
+    results = ResultsFile(out, COMPARISON_KEY)
     ys = {t["id"]: t for t in y}
 
-    def job(tx: dict, ty: dict) -> Callable[[], dict]:
+    def job(tx: dict, ty: dict, order: Order) -> Callable[[], dict]:
+        a, b = (tx, ty) if order == "xy" else (ty, tx)
+
         def run() -> dict:
-            first = ask(
-                judge,
-                comparison_messages(tx["turns"], ty["turns"]),
-                parse_verdicts,
-                attempts,
-                sampling,
-            )
-            second = ask(
-                judge,
-                comparison_messages(ty["turns"], tx["turns"]),
-                parse_verdicts,
-                attempts,
-                sampling,
-            )
+            messages = comparison_messages(a["turns"], b["turns"])
+            verdicts = ask(judge, messages, parse_verdicts, attempts, sampling)
             return {
                 "id": tx["id"],
                 "lang": tx["lang"],
                 "x": tx["system"],
                 "y": ty["system"],
-                "outcomes": combine(first, second),
+                "order": order,
+                "verdicts": verdicts,
             }
 
         return run
 
-    return _collect({t["id"]: job(t, ys[t["id"]]) for t in x if t["id"] in ys}, workers)
+    jobs = {
+        (tx["system"], ys[tx["id"]]["system"], tx["id"], order): job(tx, ys[tx["id"]], order)
+        for tx in x
+        if tx["id"] in ys
+        for order in ORDERS
+    }
+    failures = _judge(jobs, results, workers, COMPARISON_KEY)
+    return outcomes([r for r in results.records if results.key(r) in jobs]), failures
+
+
+def outcomes(judgments: Sequence[dict]) -> list[dict]:
+    """The outcome records ({id, lang, x, y, outcomes}, in (x, y, id) order) of the pairs
+    whose both orders are among `judgments` (records written by `compare`); a pair judged in
+    one order only is left out."""
+    orders: dict[tuple, dict[str, dict]] = {}
+    for j in judgments:
+        orders.setdefault((j["x"], j["y"], j["id"]), {})[j["order"]] = j
+    return [
+        {
+            "id": by_order["xy"]["id"],
+            "lang": by_order["xy"]["lang"],
+            "x": by_order["xy"]["x"],
+            "y": by_order["xy"]["y"],
+            "outcomes": combine(by_order["xy"]["verdicts"], by_order["yx"]["verdicts"]),
+        }
+        for _, by_order in sorted(orders.items())
+        if by_order.keys() == set(ORDERS)
+    ]

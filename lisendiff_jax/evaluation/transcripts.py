@@ -12,10 +12,11 @@ from pathlib import Path
 class ResultsFile:
     """Records of one run in `path`, keyed by `key(record)`. Opening it repairs a torn last
     line (a kill in the middle of a write leaves a line with no newline: its record was not
-    finished, so it is dropped and redone). Appends are thread-safe."""
+    finished, so it is dropped and redone). Appends are thread-safe. With `path` None the
+    records are kept in memory only."""
 
-    def __init__(self, path: str | os.PathLike, key_fields: tuple[str, ...]):
-        self.path, self.key_fields = Path(path), key_fields
+    def __init__(self, path: str | os.PathLike | None, key_fields: tuple[str, ...]):
+        self.path, self.key_fields = None if path is None else Path(path), key_fields
         self._lock = threading.Lock()
         self.records = self._read()
 
@@ -26,7 +27,7 @@ class ResultsFile:
         return {self.key(r) for r in self.records}
 
     def _read(self) -> list[dict]:
-        if not self.path.exists():
+        if self.path is None or not self.path.exists():
             return []
         data = self.path.read_bytes()
         complete = data[: data.rfind(b"\n") + 1]
@@ -45,9 +46,10 @@ class ResultsFile:
     def append(self, record: dict) -> None:
         line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
         with self._lock:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "ab") as f:
-                f.write(line)
-                f.flush()
-                os.fsync(f.fileno())
+            if self.path is not None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.path, "ab") as f:
+                    f.write(line)
+                    f.flush()
+                    os.fsync(f.fileno())
             self.records.append(record)
