@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import chex
 import jax
@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 from transformers import PreTrainedTokenizerBase
 
 from lisendiff_jax.backbone.generate import SamplingParams, decode
@@ -47,6 +48,7 @@ from lisendiff_jax.encoder import Encoder, make_encoder
 from lisendiff_jax.errors import UserError
 from lisendiff_jax.model import LisenDiff
 from lisendiff_jax.sampler import Plan, SamplerName, draw_noise, make_plan, run_chain
+from lisendiff_jax.sharding import MeshPlan
 
 PAD_MULTIPLE = 32
 LATENT_SET_SIZE = 1  # the encoder cache gives one pooled vector per response (L = 1)
@@ -139,6 +141,49 @@ def sample_latents(
     if trajectory is not None:
         trajectory = unstandardise(model.latent_stats, trajectory)
     return unstandardise(model.latent_stats, latents), trajectory
+
+
+def latent_sampler(
+    model: LisenDiff,
+    plan: Plan,
+    mesh: MeshPlan | None = None,
+    return_trajectory: bool = False,
+) -> Callable[..., tuple[jax.Array, jax.Array | None]]:
+    """`sample_latents` for `model` as one jitted `fn(context, context_mask, style_ids, keys)`.
+
+    On a mesh the rows of every input and output are split over the data-parallel devices
+    and the model's state is placed by the sharding rules, so a large batch of situations
+    (e.g. for the latent analysis) is sampled on all devices at once; rows do not interact, so
+    the latents equal one device's. Inputs are placed on the mesh by the call.
+    """
+    graphdef, state = nnx.split(model)
+    jit_kw = {}
+    if mesh is not None:
+        state = mesh.place(state)
+        rows = mesh.sharding(("batch",), (mesh.batch_divisor,))  # a prefix for every row array
+        trajectory = NamedSharding(mesh.mesh, PartitionSpec(None, *rows.spec))  # [S, batch, ...]
+        jit_kw = dict(
+            in_shardings=(mesh.tree_shardings(state), rows, rows, rows, rows),
+            out_shardings=(rows, trajectory),
+        )
+
+    @functools.partial(jax.jit, **jit_kw)
+    def run(state, context, context_mask, style_ids, keys):
+        restored = nnx.merge(graphdef, state)
+        return sample_latents(
+            restored, context, context_mask, style_ids, keys, plan, return_trajectory
+        )
+
+    def sample(context, context_mask, style_ids, keys):
+        divisor = 1 if mesh is None else mesh.batch_divisor
+        if len(keys) % divisor:
+            raise InputError(
+                f"{len(keys)} rows do not split over the mesh's {divisor} data-parallel "
+                f"devices; sample a multiple of {divisor}"
+            )
+        return run(state, context, context_mask, style_ids, keys)
+
+    return sample
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "params", "trace_steps"))

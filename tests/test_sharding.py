@@ -26,7 +26,9 @@ from tiny_workdir import write_dialogues
 
 from lisendiff_jax.backbone import load_backbone
 from lisendiff_jax.config import ConfigError, load_config
-from lisendiff_jax.model import training_loss
+from lisendiff_jax.inference import InputError, latent_sampler
+from lisendiff_jax.model import LisenDiff, training_loss
+from lisendiff_jax.sampler import make_plan
 from lisendiff_jax.sharding import (
     MeshError,
     MeshPlan,
@@ -274,6 +276,30 @@ def test_a_checkpoint_written_on_one_mesh_restores_on_another(data, reference, t
     assert len(third.trainable["backbone"]["lm_head"]["kernel"][...].devices()) == 1
     assert_same_numbers(host_params(third), resumed)
     third.close()
+
+
+def test_the_sampler_on_a_mesh_equals_one_device():
+    c = load_config(ROOT / "configs" / "tiny.py")
+    model = LisenDiff(load_backbone(backbone_folder("tiny")), c.model, 512, rngs=nnx.Rngs(0))
+    diffusion = make_plan(model.diffusion.make(), "ddim", 10, eta=1.0)
+    rng = np.random.RandomState(0)
+    inputs = (
+        rng.randn(16, 4, 512).astype(np.float32),  # context [batch, n_ctx, d]
+        rng.rand(16, 4) < 0.8,
+        np.arange(16) % 2,
+        jax.random.split(jax.random.key(0), 16),
+    )
+    expected, expected_trace = latent_sampler(model, diffusion, return_trajectory=True)(*inputs)
+    for shape in [(2, 4, 1), (1, 8, 1)]:
+        sample = latent_sampler(model, diffusion, plan(shape), return_trajectory=True)
+        latents, trace = sample(*inputs)
+        assert latents.sharding.spec == P(("data", "fsdp"))
+        assert latents.addressable_shards[0].data.shape == (2, 1, 512)  # 16 rows / 8 devices
+        assert trace.addressable_shards[0].data.shape == (10, 2, 1, 512)
+        np.testing.assert_allclose(np.asarray(latents), np.asarray(expected), atol=2e-5)
+        np.testing.assert_allclose(np.asarray(trace), np.asarray(expected_trace), atol=2e-5)
+    with pytest.raises(InputError, match="12 rows do not split over the mesh's 8"):
+        sample(*(x[:12] for x in inputs))
 
 
 # -- two processes, one per "host" -----------------------------------------------------------
