@@ -237,9 +237,7 @@ class MeshPlan:
         """`tree` moved onto the mesh (`tree_shardings` by default). Every process must pass
         the same values; each keeps only the pieces its own devices hold."""
         shardings = self.tree_shardings(tree) if shardings is None else shardings
-        if jax.process_count() == 1:
-            return jax.device_put(tree, shardings)
-        return jax.tree.map(_from_host_copy, tree, shardings)
+        return jax.tree.map(_put, tree, shardings)
 
     def process_rows(self, num_rows: int) -> slice:
         """The rows of a global batch that this process's devices hold (a contiguous block)."""
@@ -273,6 +271,17 @@ class MeshPlan:
             yield
         finally:
             _ACTIVE = previous
+
+
+def _put(value: Any, sharding: NamedSharding) -> jax.Array:
+    if isinstance(value, jax.Array):
+        if value.sharding.is_equivalent_to(sharding, value.ndim):
+            return value  # e.g. backbone weights loaded into their shards
+        if jax.process_count() == 1 or not value.is_fully_addressable:
+            return jax.device_put(value, sharding)  # resharding a global array
+    # A value this process holds whole (freshly initialised, or NumPy): each process cuts
+    # out the pieces of its own devices.
+    return _from_host_copy(value, sharding)
 
 
 def _from_host_copy(value: Any, sharding: NamedSharding) -> jax.Array:

@@ -312,7 +312,7 @@ from test_sharding import run_config
 
 def get_config():
     c = run_config({data!r}, num_steps=2, checkpoint_every=2)
-    c.mesh.data, c.mesh.fsdp = 2, 4
+    c.mesh.data, c.mesh.fsdp = 1, 8  # every weight split across both processes
     return c
 """
 
@@ -325,7 +325,8 @@ def free_port() -> int:
 
 def test_two_processes_train_as_one(data, reference, tmp_path):
     """train.py on two processes of 4 devices each, joined by jax.distributed through the
-    environment variables of the README, trains exactly as one device does."""
+    environment variables of the README, on a 1 x 8 mesh (every weight split across the two
+    processes, each feeding 4 of the 8 rows) trains as one device does."""
     config = tmp_path / "two_hosts.py"
     config.write_text(CONFIG_FILE.format(tests=str(ROOT / "tests"), data=str(data)))
     workdir = tmp_path / "run"
