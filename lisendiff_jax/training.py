@@ -130,7 +130,8 @@ class Trainer:
             raise ConfigError(
                 f"--config.batch_size: {config.batch_size} rows do not split over the mesh's "
                 f"{self.mesh.batch_divisor} data-parallel devices; use a multiple of "
-                f"{self.mesh.batch_divisor}"
+                f"{self.mesh.batch_divisor}, or split the model instead "
+                "(--config.mesh.fsdp=1 --config.mesh.tensor=-1)"
             )
         self.workdir = Path(workdir).resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)

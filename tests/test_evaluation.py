@@ -270,3 +270,14 @@ def test_the_api_key_stays_out_of_sight(monkeypatch):
     client = Client(endpoint)
     assert client._client.api_key == "sk-secret-123"
     assert "sk-secret" not in repr(client) + repr(endpoint)
+
+
+def test_report_on_a_file_that_is_not_ab_judgments_is_one_line(tmp_path, capsys):
+    from lisendiff_jax.evaluation.__main__ import main
+
+    wrong = tmp_path / "ab.jsonl"
+    wrong.write_text(json.dumps({"id": "s1", "lang": "zh", "outcomes": {}}) + "\n")
+    assert main(["report", "--outcomes", str(wrong), "--out-dir", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"{wrong}: record 1 is not an A/B judgment" in err

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lisendiff_jax.data.bundled import load_situations, sample_path
+from lisendiff_jax.errors import UserError
 from lisendiff_jax.evaluation.client import Client, Endpoint
 from lisendiff_jax.evaluation.judge import compare, outcomes, rate
 from lisendiff_jax.evaluation.report import ab_table, paired_table, ratings_chart, ratings_table
@@ -125,6 +126,19 @@ def run(args: argparse.Namespace) -> None:
         args.out_dir.mkdir(parents=True, exist_ok=True)
         if args.outcomes:
             judgments = _read(args.outcomes)
+            missing = next(
+                (
+                    n
+                    for n, j in enumerate(judgments, 1)
+                    if not {"x", "y", "id", "order"} <= j.keys()
+                ),
+                None,
+            )
+            if missing is not None:
+                raise ValueError(
+                    f"{args.outcomes}: record {missing} is not an A/B judgment written by "
+                    "`compare` (it lacks x, y, id or order); rerun compare into a new file"
+                )
             pairs = outcomes(judgments)
             half = len({(j["x"], j["y"], j["id"]) for j in judgments}) - len(pairs)
             if half:
@@ -147,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         run(args)
-    except (OSError, ValueError, RuntimeError) as err:
+    except (UserError, OSError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0
