@@ -13,12 +13,13 @@ LisenDiff or LoRA-only run) or a folder written by `python -m lisendiff_jax.expo
 it the embedded default's workdir is used. --backbone samples an untrained backbone.
 
 JSONL input: one request per line, {"context": [turns] or "a ||| b", "style": ..., "lang": ...,
-"id": ...}; only the context is required, the rest default to the command-line options. Every
+"seed": ..., "id": ...}; only the context is required, the rest default to the command-line
+options (a line with its own seed draws as `--seed` with that value would for it alone). Every
 JSON output line holds the request, the reply, whether the context was cut, the latent
 ([L, d] list, null without LisenDiff modules) and, with --trace, the reply decoded from each of
 the last steps' predicted y0 (each trace row draws its tokens with its reply's randomness, so
 the rows differ by their latent only and the t = 0 row is the reply). A request's reply depends
-on --seed and its place in the input, not on --batch-size.
+on its seed (or --seed and its place in the input), not on --batch-size.
 
 Errors are one line on stderr with exit status 1; a context cut to fit the model is a warning.
 """
@@ -127,9 +128,15 @@ def _requests_from_file(path: Path, args: argparse.Namespace) -> Iterator[tuple[
             turns = split_turns(context) if isinstance(context, str) else context
             if not isinstance(turns, list) or not all(isinstance(t, str) for t in turns):
                 raise InputError(f"{where}: context must be a string or a list of strings")
+            seed = record.get("seed")
+            if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+                raise InputError(f"{where}: seed must be an integer")
             try:
                 request = Request(
-                    tuple(turns), record.get("style", args.style), record.get("lang", args.lang)
+                    tuple(turns),
+                    record.get("style", args.style),
+                    record.get("lang", args.lang),
+                    seed,
                 )
             except InputError as err:
                 raise InputError(f"{where}: {err}") from None

@@ -60,6 +60,7 @@ def test_jsonl_batch_keeps_order_ids_and_per_request_settings(tiny_workdir, caps
         {"id": "a", "context": ["My cat is sick.", "I'm sorry.", "She won't eat."]},
         {"context": "Is the train late? ||| Ten minutes.", "style": "default"},
         {"id": 7, "context": ["我今天很难过。"], "lang": "yue"},
+        {"id": "own seed", "context": ["I lost my keys."], "seed": 5},
     ]
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in requests) + "\n\n")
@@ -69,11 +70,19 @@ def test_jsonl_batch_keeps_order_ids_and_per_request_settings(tiny_workdir, caps
     assert code == 0, err
     assert out == ""
     records = [json.loads(line) for line in dst.read_text().splitlines()]
-    assert [r.get("id") for r in records] == ["a", None, 7]
-    assert [r["style"] for r in records] == ["empathy", "default", "empathy"]
-    assert [r["lang"] for r in records] == ["zh", "zh", "yue"]  # the run's target language
+    assert [r.get("id") for r in records] == ["a", None, 7, "own seed"]
+    assert [r["style"] for r in records] == ["empathy", "default", "empathy", "empathy"]
+    assert [r["lang"] for r in records] == ["zh", "zh", "yue", "zh"]  # the run's language
     assert records[1]["context"] == ["Is the train late?", "Ten minutes."]
     assert all(len(r["latent"][0]) == 512 for r in records)
+    # A line's own seed: the reply --seed gives that context alone.
+    w = ["--workdir", str(tiny_workdir), "--json", *FAST, "--temperature", "1.0"]
+    src.write_text(json.dumps(requests[3]) + "\n")
+    code, _, err = run_main(capsys, *w[:2], "--input", str(src), "--output", str(dst), *w[3:])
+    assert code == 0, err
+    code, out, err = run_main(capsys, *w, "--context", "I lost my keys.", "--seed", "5")
+    assert code == 0, err
+    assert json.loads(out)["reply"] == json.loads(dst.read_text())["reply"]
 
 
 def test_chat_keeps_the_conversation(tiny_workdir, capsys, monkeypatch):
@@ -116,6 +125,8 @@ def test_bad_input_gives_one_line_errors(tiny_workdir, capsys, tmp_path):
     bad.write_text('{"context": ["fine"]}\n{"context": []}\n')
     message = _one_line_error(capsys, *w, "--input", str(bad))
     assert message == f"error: {bad}:2: empty context: give at least one non-blank turn"
+    bad.write_text('{"context": ["fine"], "seed": "five"}\n')
+    assert f"{bad}:1: seed must be an integer" in _one_line_error(capsys, *w, "--input", str(bad))
     bad.write_text('{"context": ["fine"], "lang": "fr"}\n')
     assert f"{bad}:1: no built-in system prompt for language 'fr'" in _one_line_error(
         capsys, *w, "--input", str(bad)
