@@ -43,11 +43,10 @@ from transformers import PreTrainedTokenizerBase
 from lisendiff_jax.backbone.generate import SamplingParams, decode
 from lisendiff_jax.data.example import STYLES
 from lisendiff_jax.data.formatting import encode_chat, system_prompt
-from lisendiff_jax.diffusion import unstandardise
 from lisendiff_jax.encoder import Encoder, make_encoder
 from lisendiff_jax.errors import UserError
 from lisendiff_jax.model import LisenDiff
-from lisendiff_jax.sampler import Plan, SamplerName, draw_noise, make_plan, run_chain
+from lisendiff_jax.sampler import Plan, SamplerName, make_plan, sample
 from lisendiff_jax.sharding import MeshPlan
 
 PAD_MULTIPLE = 32
@@ -132,15 +131,8 @@ def sample_latents(
     def denoise(y_t: jax.Array, t: jax.Array) -> jax.Array:
         return model.denoisers(y_t, t, x, style_ids)
 
-    # `sampler.sample` draws one batch's noise from one key; here each row draws its own.
-    row_noise = jax.vmap(lambda key: draw_noise(key, plan, (LATENT_SET_SIZE, model.latent_dim)))
-    y_start, noise = row_noise(keys)  # [batch, L, d], [batch, S, L, d]
-    latents, trajectory = run_chain(
-        denoise, plan, y_start, jnp.swapaxes(noise, 0, 1), return_trajectory
-    )
-    if trajectory is not None:
-        trajectory = unstandardise(model.latent_stats, trajectory)
-    return unstandardise(model.latent_stats, latents), trajectory
+    shape = (LATENT_SET_SIZE, model.latent_dim)
+    return sample(denoise, plan, model.latent_stats, keys, shape, return_trajectory)
 
 
 def latent_sampler(

@@ -151,14 +151,20 @@ def sample(
     denoise: DenoiseFn,
     plan: Plan,
     stats: LatentStats,
-    rng: jax.Array,
-    shape: tuple[int, int, int],  # (batch, L, d)
+    keys: jax.Array,  # [batch] PRNG keys: row i's noise comes from keys[i] alone
+    shape: tuple[int, int],  # (L, d) of one row
     return_trajectory: bool = False,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Latents [batch, L, d] in the encoder's space, and optionally the predicted y0 of every
-    step [S, batch, L, d] (also unstandardised), from a chain run in standardised space."""
-    y_start, noise = draw_noise(rng, plan, shape)
-    latents, trajectory = run_chain(denoise, plan, y_start, noise, return_trajectory)
+    step [S, batch, L, d] (also unstandardised), from a chain run in standardised space.
+
+    Each row draws its noise from its own key, so a row's sample does not depend on the
+    other rows of the batch, nor on how the batch is split over devices."""
+    y_start, noise = jax.vmap(lambda key: draw_noise(key, plan, shape))(keys)
+    # noise: [batch, S, L, d] -> the chain's [S, batch, L, d]
+    latents, trajectory = run_chain(
+        denoise, plan, y_start, jnp.swapaxes(noise, 0, 1), return_trajectory
+    )
     if trajectory is not None:
         trajectory = unstandardise(stats, trajectory)
     return unstandardise(stats, latents), trajectory

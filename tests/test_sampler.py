@@ -136,12 +136,22 @@ def test_sample_returns_latents_in_the_encoders_space():
         lambda y, t: jnp.broadcast_to(constant, y.shape),
         plan,
         stats,
-        jax.random.key(0),
-        SHAPE,
+        jax.random.split(jax.random.key(0), SHAPE[0]),
+        SHAPE[1:],
         True,
     )
     np.testing.assert_allclose(latents, jnp.broadcast_to(constant * 2.5 + stats.mean, SHAPE))
     np.testing.assert_allclose(trajectory[0], latents)
+
+
+def test_each_row_draws_from_its_own_key():
+    plan = ddpm_plan(make_schedule("linear", T))
+    stats = LatentStats(mean=jnp.zeros(SHAPE[-1]), scale=jnp.asarray(1.0))
+    keys = jax.random.split(jax.random.key(1), SHAPE[0])
+    whole, _ = sample(toy_denoiser(jnp), plan, stats, keys, SHAPE[1:])
+    alone, _ = sample(toy_denoiser(jnp), plan, stats, keys[2:3], SHAPE[1:])
+    np.testing.assert_allclose(alone[0], whole[2], atol=1e-6)
+    assert not np.allclose(whole[0], whole[1])
 
 
 def test_scan_equals_a_python_loop_of_jitted_steps():
