@@ -15,6 +15,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -55,8 +56,9 @@ def main(argv: list[str]) -> None:
         sys.exit(130)
     except UserError as err:
         sys.exit(f"error: {err}")
-    print(f"\ncheckpoint: {path}")
-    print(f"next: python sample.py --workdir {workdir} --context 'I failed my exam today.'")
+    if jax.process_index() == 0:  # one report for a multi-host run
+        print(f"\ncheckpoint: {path}")
+        print(f"next: python sample.py --workdir {workdir} --context 'I failed my exam today.'")
 
 
 if __name__ == "__main__":
