@@ -304,8 +304,9 @@ def constrain(x: jax.Array, logical: Logical) -> jax.Array:
 
 
 def shard_fn(plan: MeshPlan | None) -> Callable[[str, tuple[int, ...]], NamedSharding] | None:
-    """For `load_backbone`: the sharding of the tensor at a parameter path, or None."""
-    if plan is None:
+    """For `load_backbone`: the sharding of the tensor at a parameter path; None on one
+    device, where loading's own path (cast and transpose on the device) is faster."""
+    if plan is None or plan.mesh.size == 1:
         return None
     return lambda path, shape: plan.sharding(logical_axes(path, len(shape)), shape)
 
