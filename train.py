@@ -22,7 +22,7 @@ from ml_collections import config_flags
 from lisendiff_jax.config import ConfigError, check_key, load_config
 from lisendiff_jax.errors import UserError
 from lisendiff_jax.sharding import initialize_distributed
-from lisendiff_jax.training import train
+from lisendiff_jax.train.loop import train
 
 HERE = Path(__file__).resolve().parent
 FLAGS = flags.FLAGS

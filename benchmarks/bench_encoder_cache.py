@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from lisendiff_jax.data.encoder import USE_NAMES, Encoder, make_encoder
+from lisendiff_jax.data.encoder_cache import fill_cache, load_split, prepare_split
 from lisendiff_jax.data.example import STYLES, Example
-from lisendiff_jax.encoder import USE_NAMES, Encoder, make_encoder
-from lisendiff_jax.encoder_cache import fill_cache, load_split, prepare_split
 
 _SUBJECTS = ("I", "My sister", "Our neighbour", "My boss", "The teacher", "My best friend")
 _EVENTS = (

@@ -27,10 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lisendiff_jax.denoiser import DenoiserConfig, StyleDenoisers
-from lisendiff_jax.diffusion import make_schedule
-from lisendiff_jax.sampler import ddpm_plan, denoise_step, draw_noise, run_chain
-from lisendiff_jax.summary import StyleSummary
+from lisendiff_jax.method.denoiser import DenoiserConfig, StyleDenoisers
+from lisendiff_jax.method.diffusion import make_schedule
+from lisendiff_jax.method.sampler import ddpm_plan, denoise_step, draw_noise, run_chain
+from lisendiff_jax.method.summary import StyleSummary
 
 N_CTX = 4
 
@@ -97,10 +97,10 @@ def bench_chain(d_enc: int, batch: int, repeats: int) -> tuple[float, float]:
 
 
 def bench_replies(workdir: str | None, batch: int, new_tokens: int, repeats: int) -> float:
-    from lisendiff_jax.inference import Listener, Options, Request
+    from lisendiff_jax.infer.inference import Listener, Options, Request
 
     if workdir:
-        from lisendiff_jax.restore import load_workdir
+        from lisendiff_jax.infer.restore import load_workdir
 
         model, config, tokenizer = load_workdir(workdir)
     else:
@@ -118,10 +118,10 @@ def bench_replies(workdir: str | None, batch: int, new_tokens: int, repeats: int
 
 def _default_model():
     from lisendiff_jax.config import load_config
-    from lisendiff_jax.encoder import make_encoder
-    from lisendiff_jax.model import LisenDiff
-    from lisendiff_jax.restore import build_model, for_inference, load_tokenizer
-    from lisendiff_jax.training import backbone_folder
+    from lisendiff_jax.data.encoder import make_encoder
+    from lisendiff_jax.infer.restore import build_model, for_inference, load_tokenizer
+    from lisendiff_jax.method.model import LisenDiff
+    from lisendiff_jax.tiny import backbone_folder
 
     config = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
     folder = backbone_folder(config.model.backbone)

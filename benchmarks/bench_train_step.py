@@ -32,8 +32,8 @@ from lisendiff_jax.backbone import BackboneConfig
 from lisendiff_jax.backbone.model import Decoder
 from lisendiff_jax.backbone.presets import LLAMA_3_1_8B, LLAMA_34M, transformers_kwargs
 from lisendiff_jax.config import paper_config
-from lisendiff_jax.model import LisenDiff, split_for_training, training_loss
-from lisendiff_jax.train_step import make_optimizer, make_train_step
+from lisendiff_jax.method.model import LisenDiff, split_for_training, training_loss
+from lisendiff_jax.train.step import make_optimizer, make_train_step
 
 SIZES = {"34m": LLAMA_34M, "8b": LLAMA_3_1_8B}
 LATENT_DIM = 768

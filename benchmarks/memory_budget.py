@@ -21,7 +21,7 @@ from lisendiff_jax.backbone import BackboneConfig
 from lisendiff_jax.backbone.model import Decoder
 from lisendiff_jax.backbone.presets import LLAMA_3_1_8B, QWEN2_7B
 from lisendiff_jax.config import paper_config
-from lisendiff_jax.model import LatentStat, LisenDiff
+from lisendiff_jax.method.model import LatentStat, LisenDiff
 
 BACKBONES = {"llama": LLAMA_3_1_8B, "qwen": QWEN2_7B}
 GIB = 2**30

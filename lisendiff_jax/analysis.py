@@ -92,7 +92,7 @@ def top_k(texts: Sequence[str], scores: np.ndarray, k: int) -> list[tuple[str, f
 
 def sampled_latents(listener, situations: Sequence[str], samples: int, seed: int) -> dict:
     """{style: latents [len(situations) * samples, d]} from one model."""
-    from lisendiff_jax.inference import Options, Request
+    from lisendiff_jax.infer.inference import Options, Request
 
     out = {}
     for style in STYLES:
@@ -106,8 +106,8 @@ def sampled_latents(listener, situations: Sequence[str], samples: int, seed: int
 
 
 def _listener(workdir: str):
-    from lisendiff_jax.chat import load_model
-    from lisendiff_jax.inference import Listener
+    from lisendiff_jax.infer.chat import load_model
+    from lisendiff_jax.infer.inference import Listener
 
     model, config, tokenizer = load_model(Path(workdir), None)
     if not model.lisendiff:

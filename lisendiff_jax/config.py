@@ -15,6 +15,7 @@ from pathlib import Path
 
 import ml_collections
 
+from lisendiff_jax.backbone.layout import PROJECTIONS
 from lisendiff_jax.data.readers import FORMATS
 from lisendiff_jax.errors import UserError
 
@@ -22,7 +23,6 @@ SCHEDULES = ("constant", "cosine", "linear")
 REMAT_POLICIES = ("none", "full", "dots")
 DIFFUSION_SCHEDULES = ("linear", "cosine", "zero_terminal_snr")
 LOSS_WEIGHTS = ("uniform", "snr", "min_snr")
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TARGET_LANGS = ("zh", "yue", "en", "ja")
 TINY_BACKBONE = "tiny"
 

@@ -37,11 +37,10 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from lisendiff_jax.backbone.layout import PROJECTIONS
 from lisendiff_jax.backbone.loading import path_to_hf_key, read_safetensors
 from lisendiff_jax.errors import UserError
-from lisendiff_jax.lora import LORA_TARGETS, LoRALinear
-from lisendiff_jax.model import TRAINABLE_MODULES, LatentStat, LisenDiff
-from lisendiff_jax.restore import (
+from lisendiff_jax.infer.restore import (
     Loaded,
     build_model,
     checkpoint_step,
@@ -51,7 +50,9 @@ from lisendiff_jax.restore import (
     load_tokenizer,
     restore_workdir,
 )
-from lisendiff_jax.training import backbone_folder
+from lisendiff_jax.method.lora import LoRALinear
+from lisendiff_jax.method.model import TRAINABLE_MODULES, LatentStat, LisenDiff
+from lisendiff_jax.tiny import backbone_folder
 
 # In a subfolder: the backbone loader reads every *.safetensors file at the top level.
 MODULES_FILE = "lisendiff/modules.safetensors"
@@ -129,7 +130,7 @@ def _backbone_entries(model: LisenDiff):
 
 def _peft_entries(model: LisenDiff):
     for i, layer in enumerate(model.backbone.layers):
-        for proj, block in LORA_TARGETS.items():
+        for proj, (block, *_) in PROJECTIONS.items():
             lora = getattr(getattr(layer, block), proj)
             if isinstance(lora, LoRALinear):
                 prefix = f"base_model.model.model.layers.{i}.{block}.{proj}"

@@ -85,7 +85,7 @@ def _number(body: dict, name: str, default: float, low: float, high: float) -> f
 def parse_chat(body: Any, model_name: str, default_lang: str) -> tuple[Any, Any]:
     """The (inference.Request, inference.Options) of a chat completion body; RequestError if
     the body is not one this server can answer."""
-    from lisendiff_jax.inference import InputError, Options, Request
+    from lisendiff_jax.infer.inference import InputError, Options, Request
 
     if not isinstance(body, dict):
         raise RequestError("the body must be a JSON object")
@@ -348,7 +348,7 @@ def serve(
     batch_wait_ms: float = 5.0,
 ) -> None:
     """Serves a loaded (model, config, tokenizer) until interrupted."""
-    from lisendiff_jax.inference import Listener
+    from lisendiff_jax.infer.inference import Listener
 
     listener = Listener(model, config, tokenizer)
     server = make_server(listener, model_name, host, port, max_batch, batch_wait_ms)
@@ -385,8 +385,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("--max-batch must be >= 1 and --batch-wait-ms >= 0")
     from absl import logging
 
-    from lisendiff_jax.chat import load_model
     from lisendiff_jax.errors import UserError
+    from lisendiff_jax.infer.chat import load_model
 
     logging.set_verbosity(logging.ERROR)  # orbax logs at INFO and WARNING while restoring
     folder = Path(args.workdir) if args.workdir else None

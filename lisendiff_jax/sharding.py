@@ -2,7 +2,7 @@
 
 The mesh has three axes, `data` x `fsdp` x `tensor`. Arrays are never annotated with mesh axes
 directly: every dimension gets a *logical* name ("embed", "heads", "batch", ...) from the
-parameter's path (`PROJECTIONS` below), and `rules` map logical names to mesh axes:
+parameter's path (the backbone's `PROJECTIONS` table), and `rules` map logical names to mesh axes:
 
     batch -> (data, fsdp)   rows of a batch split over every data-parallel device
     embed -> fsdp           weights split along the model width (ZeRO-3 style)
@@ -25,7 +25,7 @@ import dataclasses
 import math
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -33,6 +33,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from lisendiff_jax.backbone.layout import PROJECTIONS, Logical, activation_constraint
 from lisendiff_jax.errors import UserError
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -46,17 +47,6 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "mlp": ("tensor",),
 }
 
-# A projection's (input, output) logical names; its kernel is [in, out], its bias [out], and a
-# LoRA adapter on it is lora_a [in, rank] and lora_b [rank, out].
-PROJECTIONS: dict[str, tuple[str, str]] = {
-    "q_proj": ("embed", "heads"),
-    "k_proj": ("embed", "heads"),
-    "v_proj": ("embed", "heads"),
-    "o_proj": ("heads", "embed"),
-    "gate_proj": ("embed", "mlp"),
-    "up_proj": ("embed", "mlp"),
-    "down_proj": ("mlp", "embed"),
-}
 # Tables and cross-attention projections whose input is not the model width.
 SPECIAL: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"embed_tokens\.embedding$", ("vocab", "embed")),
@@ -67,8 +57,6 @@ SPECIAL: tuple[tuple[str, tuple[str | None, ...]], ...] = (
 # sampling step, where gathering their weights would cost more than keeping copies.
 REPLICATED_MODULES = re.compile(r"(^|\.)(summary|denoisers)\.")
 _PROJECTION_LEAF = re.compile(r"(?:^|\.)(" + "|".join(PROJECTIONS) + r")(?:\.base)?\.(\w+)$")
-
-Logical = tuple[str | None, ...]
 
 
 class MeshError(UserError, ValueError):
@@ -97,7 +85,9 @@ def logical_axes(path: str, ndim: int) -> Logical:
     elif special := next((a for pattern, a in SPECIAL if re.search(pattern, path)), None):
         axes = special
     elif match := _PROJECTION_LEAF.search(path):
-        d_in, d_out = PROJECTIONS[match.group(1)]
+        # A kernel is [in, out], a bias [out]; a LoRA adapter is lora_a [in, rank] and
+        # lora_b [rank, out].
+        _, d_in, d_out = PROJECTIONS[match.group(1)]
         axes = {
             "kernel": (d_in, d_out),
             "bias": (d_out,),
@@ -262,15 +252,12 @@ class MeshPlan:
         sharding = self.sharding(("batch",) + (None,) * (len(shape) - 1), shape)
         return jax.make_array_from_process_local_data(sharding, np.asarray(local), shape)
 
-    @contextlib.contextmanager
-    def active(self) -> Iterator[None]:
-        """Makes `constrain` apply this plan's rules to activations traced inside."""
-        global _ACTIVE
-        previous, _ACTIVE = _ACTIVE, self
-        try:
-            yield
-        finally:
-            _ACTIVE = previous
+    def active(self) -> contextlib.AbstractContextManager[None]:
+        """Makes the backbone's `constrain` apply this plan's rules to activations traced
+        inside."""
+        return activation_constraint(
+            lambda x, logical: jax.lax.with_sharding_constraint(x, self.sharding(logical, x.shape))
+        )
 
 
 def _put(value: Any, sharding: NamedSharding) -> jax.Array:
@@ -290,17 +277,6 @@ def _from_host_copy(value: Any, sharding: NamedSharding) -> jax.Array:
         return jax.random.wrap_key_data(_from_host_copy(jax.random.key_data(value), data))
     host = np.asarray(jax.device_get(value))
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-
-
-_ACTIVE: MeshPlan | None = None
-
-
-def constrain(x: jax.Array, logical: Logical) -> jax.Array:
-    """`x` constrained to the active plan's sharding for these logical names; unchanged when
-    no plan is active (one device), so model code can call it unconditionally."""
-    if _ACTIVE is None:
-        return x
-    return jax.lax.with_sharding_constraint(x, _ACTIVE.sharding(logical, x.shape))
 
 
 def shard_fn(plan: MeshPlan | None) -> Callable[[str, tuple[int, ...]], NamedSharding] | None:

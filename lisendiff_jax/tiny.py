@@ -16,7 +16,9 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerFast
 
-from lisendiff_jax.backbone.presets import llama3_rope
+from lisendiff_jax.backbone.loading import resolve_checkpoint
+from lisendiff_jax.backbone.presets import LLAMA_TINY
+from lisendiff_jax.config import TINY_BACKBONE
 
 # Control tokens of a Llama-3-style chat format; the pad token first so it gets id 0.
 PAD_TOKEN = "<|pad|>"
@@ -44,16 +46,6 @@ CHAT_TEMPLATE = (
 # Bump when what `build_tiny_backbone` writes changes, so stale caches are not reused.
 TINY_VERSION = "v1"
 TINY_VOCAB_SIZE = 2048
-TINY_MODEL = dict(
-    hidden_size=128,
-    intermediate_size=352,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=4096,
-    tie_word_embeddings=False,
-    rope_parameters=llama3_rope(original_max_position_embeddings=1024),
-)
 
 
 def train_chat_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -111,7 +103,7 @@ def build_tiny_backbone(folder: Path, seed: int = 0) -> Path:
     tokenizer = train_chat_tokenizer(_sample_texts(), TINY_VOCAB_SIZE)
     eot = tokenizer.convert_tokens_to_ids(END_OF_TURN_TOKEN)
     config = LlamaConfig(
-        **TINY_MODEL,
+        **LLAMA_TINY,
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=[eot, tokenizer.convert_tokens_to_ids(EOS_TOKEN)],
@@ -138,3 +130,8 @@ def tiny_backbone_path(cache_root: Path | None = None) -> Path:
     if not (folder / "config.json").is_file() or not (folder / "tokenizer.json").is_file():
         build_tiny_backbone(folder)
     return folder
+
+
+def backbone_folder(name: str) -> Path:
+    """The checkpoint folder for `model.backbone` ("tiny" is built offline on first use)."""
+    return tiny_backbone_path() if name == TINY_BACKBONE else resolve_checkpoint(name)

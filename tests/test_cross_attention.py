@@ -10,7 +10,7 @@ from flax import nnx
 from tiny_checkpoints import make_checkpoint
 
 from lisendiff_jax.backbone import load_backbone
-from lisendiff_jax.cross_attention import CrossAttention, attach_cross_attention
+from lisendiff_jax.method.cross_attention import CrossAttention, attach_cross_attention
 
 LATENT_DIM = 32
 IDS = jnp.asarray(np.random.RandomState(0).randint(0, 128, (2, 10)), jnp.int32)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lisendiff_jax.denoiser import DenoiserConfig, StyleDenoisers, timestep_embedding
+from lisendiff_jax.method.denoiser import DenoiserConfig, StyleDenoisers, timestep_embedding
 
 D = 16
 CONFIG = DenoiserConfig(d_enc=D, num_heads=4, time_dim=8)

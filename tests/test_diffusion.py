@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lisendiff_jax.diffusion import (
+from lisendiff_jax.method.diffusion import (
     fit_latent_stats,
     loss_weights,
     make_schedule,

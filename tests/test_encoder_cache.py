@@ -5,15 +5,15 @@ import json
 import numpy as np
 import pytest
 
-from lisendiff_jax.data.example import STYLES, Example
-from lisendiff_jax.encoder import make_encoder
-from lisendiff_jax.encoder_cache import (
+from lisendiff_jax.data.encoder import make_encoder
+from lisendiff_jax.data.encoder_cache import (
     EmbeddingCache,
     embed_texts,
     fill_cache,
     load_split,
     prepare_split,
 )
+from lisendiff_jax.data.example import STYLES, Example
 from lisendiff_jax.testing import save_tiny_sentence_transformer
 
 TEXTS = [f"sentence number {i} about {'rain sun wind snow'.split()[i % 4]}" for i in range(23)]

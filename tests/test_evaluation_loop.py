@@ -17,8 +17,8 @@ from lisendiff_jax.evaluation.client import Client, Endpoint
 from lisendiff_jax.evaluation.judge import METRICS, compare, rate
 from lisendiff_jax.evaluation.report import ab_table, paired_table, ratings_chart, ratings_table
 from lisendiff_jax.evaluation.simulate import simulate
-from lisendiff_jax.inference import Listener, Reply
-from lisendiff_jax.restore import load_workdir
+from lisendiff_jax.infer.inference import Listener, Reply
+from lisendiff_jax.infer.restore import load_workdir
 from lisendiff_jax.serve import make_server
 
 

@@ -15,10 +15,10 @@ from flax import nnx
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lisendiff_jax.export import ExportError, export, load_exported
-from lisendiff_jax.inference import Listener, Options, Request
-from lisendiff_jax.lora import LoRALinear
-from lisendiff_jax.model import LatentStat
-from lisendiff_jax.restore import load_workdir, restore_workdir
+from lisendiff_jax.infer.inference import Listener, Options, Request
+from lisendiff_jax.infer.restore import load_workdir, restore_workdir
+from lisendiff_jax.method.lora import LoRALinear
+from lisendiff_jax.method.model import LatentStat
 
 IDS = np.random.RandomState(0).randint(3, 500, (2, 11)).astype(np.int32)
 # Shaped like the JSONL test's batch (3 requests, short prompts) and sampled with the same

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lisendiff_jax.inference import Listener, Options, Request
-from lisendiff_jax.restore import load_workdir
+from lisendiff_jax.infer.inference import Listener, Options, Request
+from lisendiff_jax.infer.restore import load_workdir
 
 HOT = Options(temperature=1.0, top_p=1.0, max_tokens=8)  # every token is drawn
 TARGET = Request(("I lost my job today.", "Oh no!", "They closed my office."), seed=5)

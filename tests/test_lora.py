@@ -10,7 +10,8 @@ from flax import nnx
 from tiny_checkpoints import make_checkpoint
 
 from lisendiff_jax.backbone import load_backbone
-from lisendiff_jax.lora import LORA_TARGETS, LoRALinear, apply_lora, merge_lora
+from lisendiff_jax.backbone.layout import PROJECTIONS
+from lisendiff_jax.method.lora import LoRALinear, apply_lora, merge_lora
 
 IDS = jnp.asarray(np.random.RandomState(0).randint(0, 128, (2, 10)), jnp.int32)
 
@@ -36,11 +37,11 @@ def param_paths(model: nnx.Module, *filters) -> set[str]:
 def test_zero_b_gives_the_backbone_exactly(folder):
     model = load_backbone(folder)
     reference = np.asarray(model(IDS))
-    apply_lora(model, targets=tuple(LORA_TARGETS), rank=4, rngs=nnx.Rngs(0))
+    apply_lora(model, targets=tuple(PROJECTIONS), rank=4, rngs=nnx.Rngs(0))
     np.testing.assert_array_equal(np.asarray(model(IDS)), reference)
 
     lora = param_paths(model, nnx.LoRAParam)
-    assert len(lora) == 2 * len(LORA_TARGETS) * 3
+    assert len(lora) == 2 * len(PROJECTIONS) * 3
     assert "layers.0.self_attn.q_proj.lora_a" in lora
     frozen = param_paths(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))
     assert {"layers.0.self_attn.q_proj.base.kernel", "layers.0.self_attn.q_proj.base.bias"} <= (

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tiny_workdir import make_tiny_workdir
 
-from lisendiff_jax.chat import main
+from lisendiff_jax.infer.chat import main
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--max-tokens", "8"]  # one set of sampling options, so the jitted reply compiles once

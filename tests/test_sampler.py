@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lisendiff_jax.denoiser import DenoiserConfig, StyleDenoisers
-from lisendiff_jax.diffusion import LatentStats, make_schedule
-from lisendiff_jax.sampler import (
+from lisendiff_jax.method.denoiser import DenoiserConfig, StyleDenoisers
+from lisendiff_jax.method.diffusion import LatentStats, make_schedule
+from lisendiff_jax.method.sampler import (
     ddim_plan,
     ddpm_plan,
     denoise_step,

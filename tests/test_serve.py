@@ -12,8 +12,8 @@ import time
 import openai
 import pytest
 
-from lisendiff_jax.inference import Listener, Options, Request
-from lisendiff_jax.restore import load_workdir
+from lisendiff_jax.infer.inference import Listener, Options, Request
+from lisendiff_jax.infer.restore import load_workdir
 from lisendiff_jax.serve import make_server
 
 MODEL = "tiny"

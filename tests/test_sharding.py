@@ -26,9 +26,9 @@ from tiny_workdir import write_dialogues
 
 from lisendiff_jax.backbone import load_backbone
 from lisendiff_jax.config import ConfigError, load_config
-from lisendiff_jax.inference import InputError, latent_sampler
-from lisendiff_jax.model import LisenDiff, training_loss
-from lisendiff_jax.sampler import make_plan
+from lisendiff_jax.infer.inference import InputError, latent_sampler
+from lisendiff_jax.method.model import LisenDiff, training_loss
+from lisendiff_jax.method.sampler import make_plan
 from lisendiff_jax.sharding import (
     MeshError,
     MeshPlan,
@@ -37,8 +37,9 @@ from lisendiff_jax.sharding import (
     parse_rules,
     shard_fn,
 )
-from lisendiff_jax.train_step import make_train_step
-from lisendiff_jax.training import Trainer, backbone_folder
+from lisendiff_jax.tiny import backbone_folder
+from lisendiff_jax.train.loop import Trainer
+from lisendiff_jax.train.step import make_train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 MESHES = {"2x4": (2, 4, 1), "1x8": (1, 8, 1), "1x2x4": (1, 2, 4)}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lisendiff_jax.summary import StyleSummary
+from lisendiff_jax.method.summary import StyleSummary
 
 D = 16
 CONTEXT = jax.random.normal(jax.random.key(0), (4, 5, D))

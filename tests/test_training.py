@@ -21,9 +21,15 @@ from tiny_workdir import write_dialogues
 
 from lisendiff_jax.backbone import load_backbone
 from lisendiff_jax.config import load_config
-from lisendiff_jax.model import LisenDiff, ModelSettingsError, split_for_training, training_loss
-from lisendiff_jax.train_step import make_optimizer, make_train_step, token_nll
-from lisendiff_jax.training import Trainer, TrainingError
+from lisendiff_jax.method.model import (
+    LisenDiff,
+    ModelSettingsError,
+    split_for_training,
+    training_loss,
+)
+from lisendiff_jax.method.objectives import token_nll
+from lisendiff_jax.train.loop import Trainer, TrainingError
+from lisendiff_jax.train.step import make_optimizer, make_train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 D_ENC = 16

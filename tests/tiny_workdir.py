@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 from lisendiff_jax.config import load_config
-from lisendiff_jax.training import Trainer
+from lisendiff_jax.train.loop import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 DIALOGUES = [

@@ -17,7 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from lisendiff_jax.backbone import load_backbone
 from lisendiff_jax.backbone.generate import SamplingParams, generate
-from lisendiff_jax.tiny import TINY_MODEL
+from lisendiff_jax.backbone.presets import LLAMA_TINY
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.manual_seed(args.seed)
     # The embedded default's shape, with random weights and no tokenizer.
-    config = LlamaConfig(**TINY_MODEL, vocab_size=2048)
+    config = LlamaConfig(**LLAMA_TINY, vocab_size=2048)
     reference = LlamaForCausalLM(config).eval()
     prompt = np.random.RandomState(args.seed).randint(3, config.vocab_size, (2, 12))
     with tempfile.TemporaryDirectory() as folder:

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from lisendiff_jax.backbone.config import BackboneConfig
+from lisendiff_jax.backbone.layout import constrain
 from lisendiff_jax.backbone.rope import apply_rotary, inverse_frequencies, rotary_tables
-from lisendiff_jax.sharding import constrain
 
 # Rematerialisation policies for training: what each decoder layer keeps for the backward pass.
 REMAT_POLICIES = {
@@ -24,8 +24,9 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
-# Finite, so that a padded query row (no allowed key) gives uniform weights rather than NaN.
-_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+# The score of a masked key: far below any real score, yet finite, so that a row with no
+# allowed key (a padded query) gives uniform weights rather than NaN.
+MASKED_SCORE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 @struct.dataclass
@@ -104,7 +105,7 @@ class Attention(nnx.Module):
         group = self.num_heads // self.num_kv_heads
         q = q.reshape(b, t, self.num_kv_heads, group, self.head_dim)
         scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-        scores = jnp.where(allowed[:, None, None], scores * self.head_dim**-0.5, _MASKED)
+        scores = jnp.where(allowed[:, None, None], scores * self.head_dim**-0.5, MASKED_SCORE)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, -1)
         return self.o_proj(out), kv

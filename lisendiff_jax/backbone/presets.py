@@ -58,6 +58,18 @@ LLAMA_34M: dict[str, Any] = dict(
     num_attention_heads=8,
     num_key_value_heads=4,
 )
+# The embedded default's shape (its vocabulary comes from its tokenizer); small enough to train
+# on a laptop CPU in minutes.
+LLAMA_TINY: dict[str, Any] = dict(
+    hidden_size=128,
+    intermediate_size=352,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+    tie_word_embeddings=False,
+    rope_parameters=llama3_rope(original_max_position_embeddings=1024),
+)
 PRESETS = {"llama-3.1-8b": LLAMA_3_1_8B, "qwen2-7b": QWEN2_7B, "llama-34m": LLAMA_34M}
 
 

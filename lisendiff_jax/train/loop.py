@@ -34,29 +34,23 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from lisendiff_jax.backbone import BackboneConfig, load_backbone
-from lisendiff_jax.backbone.loading import resolve_checkpoint
 from lisendiff_jax.checkpoint import Checkpointer
-from lisendiff_jax.config import TINY_BACKBONE, ConfigError, validate
+from lisendiff_jax.config import ConfigError, validate
 from lisendiff_jax.data import Example, build_mix, summary_table
 from lisendiff_jax.data.batching import DataPosition, iterate_batches, length_buckets
+from lisendiff_jax.data.encoder import make_encoder
+from lisendiff_jax.data.encoder_cache import prepare_split
 from lisendiff_jax.data.formatting import encode_examples, system_prompt
-from lisendiff_jax.diffusion import fit_latent_stats
-from lisendiff_jax.encoder import make_encoder
-from lisendiff_jax.encoder_cache import prepare_split
 from lisendiff_jax.errors import UserError
-from lisendiff_jax.model import LisenDiff, check_settings, split_for_training, training_loss
+from lisendiff_jax.method.diffusion import fit_latent_stats
+from lisendiff_jax.method.model import LisenDiff, check_settings, split_for_training, training_loss
 from lisendiff_jax.sharding import MeshPlan, shard_fn
-from lisendiff_jax.tiny import default_cache_root, tiny_backbone_path
-from lisendiff_jax.train_step import make_optimizer, make_train_step
+from lisendiff_jax.tiny import backbone_folder, default_cache_root
+from lisendiff_jax.train.step import make_optimizer, make_train_step
 
 
 class TrainingError(UserError, RuntimeError):
     """Training cannot go on (non-finite loss, incompatible workdir); nothing good is lost."""
-
-
-def backbone_folder(name: str) -> Path:
-    """The checkpoint folder for `model.backbone` ("tiny" is built offline on first use)."""
-    return tiny_backbone_path() if name == TINY_BACKBONE else resolve_checkpoint(name)
 
 
 def _check_workdir_config(workdir: Path, config: ml_collections.ConfigDict) -> None:

@@ -29,18 +29,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lisendiff_jax.backbone.layout import PROJECTIONS
 from lisendiff_jax.backbone.model import Decoder
-
-# Which decoder-layer block holds each projection that can take an adapter.
-LORA_TARGETS: dict[str, str] = {
-    "q_proj": "self_attn",
-    "k_proj": "self_attn",
-    "v_proj": "self_attn",
-    "o_proj": "self_attn",
-    "gate_proj": "mlp",
-    "up_proj": "mlp",
-    "down_proj": "mlp",
-}
 
 # torch's kaiming_uniform_(a=sqrt(5)), PEFT's init for A: uniform in +-1/sqrt(fan_in).
 _kaiming_uniform = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
@@ -90,7 +80,7 @@ def _projections(model: Decoder) -> list[tuple[nnx.Module, str]]:
     return [
         (getattr(layer, block), name)
         for layer in model.layers
-        for name, block in LORA_TARGETS.items()
+        for name, (block, *_) in PROJECTIONS.items()
     ]
 
 
@@ -106,14 +96,14 @@ def apply_lora(
 ) -> Decoder:
     """Wraps the `targets` projections of every layer in a `LoRALinear`, in place; returns
     `model`. Defaults are the paper's (rank 16, alpha 32, dropout 0.1, q_proj and v_proj)."""
-    unknown = [t for t in targets if t not in LORA_TARGETS]
+    unknown = [t for t in targets if t not in PROJECTIONS]
     if unknown:
         raise ValueError(
             f"unknown LoRA target(s) {', '.join(map(repr, unknown))}; "
-            f"valid targets are {', '.join(LORA_TARGETS)}"
+            f"valid targets are {', '.join(PROJECTIONS)}"
         )
     if not targets:
-        raise ValueError(f"no LoRA targets given; valid targets are {', '.join(LORA_TARGETS)}")
+        raise ValueError(f"no LoRA targets given; valid targets are {', '.join(PROJECTIONS)}")
     for block, name in _projections(model):
         if name not in targets:
             continue

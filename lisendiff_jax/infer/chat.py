@@ -75,7 +75,7 @@ def parser() -> argparse.ArgumentParser:
 
 def _model_folder(args: argparse.Namespace, default_workdir: Path | None) -> Path | None:
     """The workdir or export folder to load (None: --backbone), checked before any loading."""
-    from lisendiff_jax.restore import RestoreError
+    from lisendiff_jax.infer.restore import RestoreError
 
     if args.backbone:
         if args.workdir:
@@ -99,7 +99,7 @@ def load_model(
     """(model, config, tokenizer) from a training workdir, an export folder, or, when `folder`
     is None, a bare backbone: what sample.py and the server can talk to."""
     from lisendiff_jax.export import is_export, load_exported
-    from lisendiff_jax.restore import load_base, load_workdir
+    from lisendiff_jax.infer.restore import load_base, load_workdir
 
     if folder is None:
         return load_base(backbone, dtype or "bfloat16")
@@ -109,7 +109,7 @@ def load_model(
 
 
 def _requests_from_file(path: Path, args: argparse.Namespace) -> Iterator[tuple[dict, Any]]:
-    from lisendiff_jax.inference import InputError, Request, split_turns
+    from lisendiff_jax.infer.inference import InputError, Request, split_turns
 
     if not path.is_file():
         raise InputError(f"{path}: no such file")
@@ -168,7 +168,7 @@ def _show(request, reply, as_json: bool, out: TextIO) -> None:
 
 
 def _chat(listener, options, args: argparse.Namespace, history: list[str]) -> None:
-    from lisendiff_jax.inference import Request
+    from lisendiff_jax.infer.inference import Request
 
     print("chat: type a message; /reset forgets the conversation, /quit (or Ctrl-D) ends it")
     while True:
@@ -194,7 +194,7 @@ def _chat(listener, options, args: argparse.Namespace, history: list[str]) -> No
 
 
 def run(args: argparse.Namespace, default_workdir: Path | None) -> None:
-    from lisendiff_jax.inference import InputError, Listener, Options, Request, split_turns
+    from lisendiff_jax.infer.inference import InputError, Listener, Options, Request, split_turns
 
     history = [turn for text in args.context for turn in split_turns(text)]
     folder = _model_folder(args, default_workdir)

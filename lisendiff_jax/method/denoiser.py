@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lisendiff_jax.cross_attention import AttentionBlock, FeedForward
+from lisendiff_jax.method.cross_attention import AttentionBlock, FeedForward
 
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:

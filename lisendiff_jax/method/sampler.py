@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from lisendiff_jax.diffusion import LatentStats, Schedule, unstandardise
+from lisendiff_jax.method.diffusion import LatentStats, Schedule, unstandardise
 
 # (y_t [batch, L, d], t [batch] int32) -> predicted y0 [batch, L, d]
 DenoiseFn = Callable[[jax.Array, jax.Array], jax.Array]

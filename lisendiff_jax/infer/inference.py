@@ -41,12 +41,12 @@ from jax.sharding import NamedSharding, PartitionSpec
 from transformers import PreTrainedTokenizerBase
 
 from lisendiff_jax.backbone.generate import SamplingParams, decode
+from lisendiff_jax.data.encoder import Encoder, make_encoder
 from lisendiff_jax.data.example import STYLES
 from lisendiff_jax.data.formatting import encode_chat, system_prompt
-from lisendiff_jax.encoder import Encoder, make_encoder
 from lisendiff_jax.errors import UserError
-from lisendiff_jax.model import LisenDiff
-from lisendiff_jax.sampler import Plan, SamplerName, make_plan, sample
+from lisendiff_jax.method.model import LisenDiff
+from lisendiff_jax.method.sampler import Plan, SamplerName, make_plan, sample
 from lisendiff_jax.sharding import MeshPlan
 
 PAD_MULTIPLE = 32

@@ -19,10 +19,11 @@ from flax import nnx
 
 from lisendiff_jax.backbone.config import BackboneConfig
 from lisendiff_jax.backbone.model import Decoder
-from lisendiff_jax.cross_attention import attach_cross_attention
 from lisendiff_jax.data.example import STYLES
-from lisendiff_jax.denoiser import DenoiserConfig, StyleDenoisers
-from lisendiff_jax.diffusion import (
+from lisendiff_jax.errors import UserError
+from lisendiff_jax.method.cross_attention import attach_cross_attention
+from lisendiff_jax.method.denoiser import DenoiserConfig, StyleDenoisers
+from lisendiff_jax.method.diffusion import (
     LatentStats,
     Schedule,
     make_schedule,
@@ -30,10 +31,9 @@ from lisendiff_jax.diffusion import (
     standardise,
     x0_loss,
 )
-from lisendiff_jax.errors import UserError
-from lisendiff_jax.lora import apply_lora
-from lisendiff_jax.summary import StyleSummary
-from lisendiff_jax.train_step import token_nll
+from lisendiff_jax.method.lora import apply_lora
+from lisendiff_jax.method.objectives import token_nll
+from lisendiff_jax.method.summary import StyleSummary
 
 # Modules whose every parameter trains; LoRA adapters are picked by type.
 TRAINABLE_MODULES = ("cross_attn", "summary", "denoisers")

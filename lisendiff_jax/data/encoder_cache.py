@@ -35,8 +35,8 @@ from typing import BinaryIO
 import numpy as np
 from tqdm.auto import tqdm
 
+from lisendiff_jax.data.encoder import Encoder
 from lisendiff_jax.data.example import STYLES, Example
-from lisendiff_jax.encoder import Encoder
 
 SPLIT_FORMAT = 1
 _SPLIT_ARRAYS = ("vectors", "response_index", "context_index", "context_mask", "style_id")

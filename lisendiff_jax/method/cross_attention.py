@@ -17,10 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lisendiff_jax.backbone.model import Decoder, RMSNorm
-
-# Finite, so that a row with every key masked gives uniform weights (then zeroed), not NaN.
-_MASKED = -1e30
+from lisendiff_jax.backbone.model import MASKED_SCORE, Decoder, RMSNorm
 
 
 def masked_attention(
@@ -36,7 +33,7 @@ def masked_attention(
         probs = jax.nn.softmax(scores, axis=-1)
     else:
         allowed = mask.astype(jnp.bool_)[:, None, None, :]  # [batch, 1, 1, l]
-        probs = jax.nn.softmax(jnp.where(allowed, scores, _MASKED), axis=-1)
+        probs = jax.nn.softmax(jnp.where(allowed, scores, MASKED_SCORE), axis=-1)
         # Zeroing (rather than only masking scores) is what makes an empty key set contribute
         # nothing instead of the mean of its padding.
         probs = jnp.where(allowed, probs, 0.0)

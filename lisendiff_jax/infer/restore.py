@@ -33,9 +33,9 @@ from lisendiff_jax.backbone import load_backbone
 from lisendiff_jax.checkpoint import CheckpointNotFoundError, CorruptCheckpointError
 from lisendiff_jax.config import base_config
 from lisendiff_jax.errors import UserError
-from lisendiff_jax.lora import merge_lora
-from lisendiff_jax.model import LatentStat, LisenDiff
-from lisendiff_jax.training import backbone_folder
+from lisendiff_jax.method.lora import merge_lora
+from lisendiff_jax.method.model import LatentStat, LisenDiff
+from lisendiff_jax.tiny import backbone_folder
 
 _FAILED_READS_GRACE_S = 0.5
 Loaded = tuple[LisenDiff, ml_collections.ConfigDict, PreTrainedTokenizerBase]

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lisendiff_jax.cross_attention import AttentionBlock
+from lisendiff_jax.method.cross_attention import AttentionBlock
 
 
 class StyleSummary(nnx.Module):
