@@ -5,26 +5,31 @@ q_proj and v_proj, the LM head trained, AdamW, and the loss on the second half o
 sequence. "ours lora_only" is the like-for-like comparison (no LisenDiff modules);
 "ours lisendiff" adds cross-attention, the summary and the denoisers, as the paper trains.
 
-    python benchmarks/bench_train_step.py                       # ~34M model, fp32, this CPU
+    python benchmarks/bench_train_step.py                       # ~34M model, fp32, CPU
     python benchmarks/bench_train_step.py --size 8b --no-peft   # Llama-3.1-8B shape, bf16, GPU
 
-On a GPU it also prints model FLOPs utilisation and peak memory, and whether that fits 24 GB.
-Model FLOPs per token count the forward pass, the backward pass through the activations, and
-the weight gradients of the trainable matmuls only (the frozen weights get none); recomputation
-from rematerialisation is not counted.
+    python benchmarks/bench_train_step.py --mfu-from-log benchmarks/results_gpu_h200.log
+
+On a GPU it also prints model FLOPs utilisation (MFU, see `train_flops`) and peak memory, and
+whether that fits 24 GB. `--mfu-from-log` recomputes FLOPs, MFU and the ratios to PEFT of the
+results in a saved log of this script (from their tokens/s) without running anything.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
+import math
 import os
 import platform
+import re
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx
 
@@ -37,7 +42,9 @@ from lisendiff_jax.train.step import make_optimizer, make_train_step
 
 SIZES = {"34m": LLAMA_34M, "8b": LLAMA_3_1_8B}
 LATENT_DIM = 768
-# Dense bf16 peak of the cards we are lent (H100 / H200 SXM), for MFU.
+N_LATENTS = 1  # response latents per example
+N_CONTEXT = 8  # context utterance embeddings per example
+# Dense bf16 peak (H100 / H200 SXM), for MFU.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
 
 
@@ -51,43 +58,123 @@ def synthetic_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str
         "loss_mask": loss_mask,
         "row_mask": np.ones((batch,), np.int32),
         "style_id": (np.arange(batch) % 2).astype(np.int32),
-        "response_latent": rng.randn(batch, 1, LATENT_DIM).astype(np.float32),
-        "context_embeddings": rng.randn(batch, 8, LATENT_DIM).astype(np.float32),
-        "context_mask": np.ones((batch, 8), bool),
+        "response_latent": rng.randn(batch, N_LATENTS, LATENT_DIM).astype(np.float32),
+        "context_embeddings": rng.randn(batch, N_CONTEXT, LATENT_DIM).astype(np.float32),
+        "context_mask": np.ones((batch, N_CONTEXT), bool),
     }
 
 
-def model_flops_per_token(bc: BackboneConfig, trainable_matmul_params: int, seq: int) -> float:
-    """Forward + activation backward (2x forward) + trainable weight gradients."""
-    matmul = bc.num_params - bc.vocab_size * bc.hidden_size - bc.hidden_size  # no embedding
-    attention = 4 * bc.num_layers * seq * bc.num_heads * bc.head_dim  # QK^T and PV, per token
-    forward = 2 * matmul + attention
-    return 3 * forward + 2 * trainable_matmul_params
+@dataclasses.dataclass(frozen=True)
+class TrainFlops:
+    """Multiply-adds per token of one training step's forward pass, in three parts."""
+
+    n: float  # N: every matrix product, attention's included
+    n_attention: float  # the part of N from attention scores and values
+    n_trainable: float  # the part of N whose weight matrix trains
+
+    @property
+    def per_token(self) -> float:
+        """FLOPs per token: forward 2N, activation backward 2N, weight gradients 2N_trainable,
+        and 2N_attention more because both operands of an attention product are activations
+        (keys and values need their gradients too)."""
+        return 2 * self.n + 2 * self.n + 2 * (self.n_trainable + self.n_attention)
 
 
-def run_ours(args, lisendiff: bool) -> dict:
+def _rows(path: tuple[str, ...], seq: int, n_queries: int) -> int:
+    """Rows per example that the matrix at `path` multiplies: the LLM's token positions, or
+    the few vectors the LisenDiff modules work on."""
+    reads_keys = "k_proj" in path or "v_proj" in path
+    if "summary" in path:  # the style's queries read the context utterances
+        return N_CONTEXT if reads_keys else n_queries
+    if "denoisers" in path:  # the latent reads [timestep embedding; summary]
+        if reads_keys:
+            return 1 + n_queries
+        return 1 if "time_mlp" in path else N_LATENTS
+    if "cross_attn" in path:  # the tokens read the latents
+        return N_LATENTS if reads_keys else seq
+    if "lm_head" in path:  # the last position predicts nothing
+        return seq - 1
+    return seq
+
+
+def train_flops(model: LisenDiff, seq: int) -> TrainFlops:
+    """Model FLOPs of one training step, per token of `seq`-token rows (`TrainFlops.per_token`:
+    2N forward + 2N activation backward + 2N_trainable weight gradients + 2N_attention).
+
+    N is the multiply-adds per token of every matrix product of the forward pass, from the
+    model's own parameter shapes: each weight matrix (the backbone's projections, the LM head,
+    LoRA's A and B, the cross-attention, style summary and denoiser matrices) times the rows it
+    multiplies per example (the seq tokens, seq - 1 for the LM head; for the LisenDiff modules
+    the latents, context utterances or summary queries, and every style's denoiser runs on
+    every example), plus each attention's scores and values, 2 x query rows x key rows x
+    (heads x head_dim) per example (self-attention: 2 x seq x 4096 per token and layer on
+    Llama-3.1-8B, the whole seq x seq square as the model computes it, the causal half not
+    subtracted). The frozen weights get no gradient, so their backward pass is the
+    activations' only, one product per matrix. Not counted: the embedding lookup,
+    element-wise work (norms, softmax, activations, rotary, the optimizer) and recomputation
+    from rematerialisation. `tests/test_bench_flops.py` checks N against the products JAX
+    traces.
+    """
+    _, trainable, rest = nnx.split(model, model.trainable_filter(), ...)
+    n_queries = model.summary.queries.shape[1] if model.summary is not None else 0
+    n = attention = n_trainable = 0
+    for state, trains in ((trainable, True), (rest, False)):
+        for path, leaf in nnx.to_flat_state(state):
+            path = tuple(map(str, path))
+            if path[-1] not in ("kernel", "lora_a", "lora_b"):  # vectors, lookup tables
+                continue
+            rows = _rows(path, seq, n_queries)
+            entries = rows * math.prod(leaf.shape)  # multiply-adds per example
+            n += entries
+            n_trainable += entries if trains else 0
+            if path[-1] == "kernel" and "q_proj" in path:
+                keys = _rows(tuple("k_proj" if p == "q_proj" else p for p in path), seq, n_queries)
+                width = math.prod(leaf.shape[:-2]) * leaf.shape[-1]  # (styles x) heads x head_dim
+                attention += 2 * rows * keys * width
+    bc = model.backbone.config
+    if bc.tie_word_embeddings:  # the embedding table is also the LM head
+        n += (seq - 1) * bc.vocab_size * bc.hidden_size
+    return TrainFlops(
+        n=(n + attention) / seq, n_attention=attention / seq, n_trainable=n_trainable / seq
+    )
+
+
+def mfu(tokens_per_s: float, flops: TrainFlops, peak_tflops: float) -> float:
+    """Model FLOPs utilisation: model FLOP/s achieved over the card's dense bf16 peak."""
+    return tokens_per_s * flops.per_token / (peak_tflops * 1e12)
+
+
+def bench_config(size: str, lisendiff: bool) -> ml_collections.ConfigDict:
+    """The paper's settings; on the 34M model fp32, no remat and smaller cross-attention."""
     config = paper_config("bench", "ja", lisendiff)
     config.learning_rate = 1e-4
     m = config.model
-    if args.size == "34m":
+    if size == "34m":
         m.param_dtype = m.compute_dtype = "float32"
         m.remat = "none"
         m.cross_attention.last_n_layers = 4
         m.cross_attention.inner_dim = 256
+    return config
+
+
+def build_model(size: str, m: ml_collections.ConfigDict) -> LisenDiff:
+    bc = BackboneConfig.from_hf_dict(SIZES[size])
+    decoder = Decoder(
+        bc,
+        dtype=jnp.dtype(m.compute_dtype),
+        param_dtype=jnp.dtype(m.param_dtype),
+        rngs=nnx.Rngs(0),
+    )
+    return LisenDiff(decoder, m, LATENT_DIM, rngs=nnx.Rngs(params=1, dropout=2))
+
+
+def run_ours(args, lisendiff: bool) -> dict:
+    config = bench_config(args.size, lisendiff)
+    m = config.model
     bc = BackboneConfig.from_hf_dict(SIZES[args.size])
-
-    @nnx.jit
-    def build():
-        decoder = Decoder(
-            bc,
-            dtype=jnp.dtype(m.compute_dtype),
-            param_dtype=jnp.dtype(m.param_dtype),
-            rngs=nnx.Rngs(0),
-        )
-        return LisenDiff(decoder, m, LATENT_DIM, rngs=nnx.Rngs(params=1, dropout=2))
-
-    model = build()
+    model = nnx.jit(functools.partial(build_model, args.size, m))()
     model.backbone.remat = m.remat
+    flops = train_flops(model, args.seq)
     graphdef, trainable, frozen = split_for_training(model)
     del model
     tx = make_optimizer(config, 1000)
@@ -113,12 +200,11 @@ def run_ours(args, lisendiff: bool) -> dict:
         one_step(i + 1)
         times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
-    trainable_matmul = sum(x.size for x in jax.tree.leaves(state["trainable"]) if x.ndim >= 2)
     result = {
         "tokens_per_s": args.batch * args.seq / seconds,
         "step_s": seconds,
         "compile_s": compile_s,
-        "flops_per_token": model_flops_per_token(bc, trainable_matmul, args.seq),
+        "flops": flops,
         "trainable_M": sum(x.size for x in jax.tree.leaves(state["trainable"])) / 1e6,
     }
     stats_mem = jax.local_devices()[0].memory_stats() or {}
@@ -184,6 +270,46 @@ def run_peft(args) -> dict:
     return result
 
 
+def peak_tflops(device_kind: str) -> float | None:
+    return next((v for k, v in PEAK_TFLOPS.items() if k in device_kind), None)
+
+
+def mfu_from_log(path: str) -> None:
+    """Prints FLOPs and MFU of each of our results in a log of this script (or of gpu_check.sh)
+    from the tokens/s it recorded, with the model rebuilt abstractly (shapes only) at the
+    logged size, then each one's ratio to a transformers + PEFT result in the same log."""
+    size = seq = device_kind = peft = None
+    ours = []
+    for line in open(path, encoding="utf-8"):
+        if m := re.search(r" on \w+ \((.+)\)$", line.strip()):
+            device_kind = m.group(1)
+        elif m := re.search(r"size (\w+); batch \d+ x seq (\d+)", line):
+            size, seq = m.group(1), int(m.group(2))
+        elif m := re.match(r"\s*peft:\s+([\d.]+) tok/s", line):
+            peft = float(m.group(1))
+        elif m := re.match(r"\s*(lora_only|lisendiff):\s+([\d.]+) tok/s", line):
+            variant, tokens_per_s = m.group(1), float(m.group(2))
+            if size is None or device_kind is None:
+                raise SystemExit(f"{path}: a result before its 'machine:' and 'model:' lines")
+            ours.append((variant, tokens_per_s))
+            m_cfg = bench_config(size, variant == "lisendiff").model
+            model = nnx.eval_shape(functools.partial(build_model, size, m_cfg))
+            flops = train_flops(model, seq)
+            trainable = nnx.state(model, model.trainable_filter())
+            out = (
+                f"{variant:>10}: {tokens_per_s:9.1f} tok/s  size {size} seq {seq}  "
+                f"trainable {sum(x.size for x in jax.tree.leaves(trainable)) / 1e6:.1f}M  "
+                f"N {flops.n / 1e9:.3f}G (attention {flops.n_attention / 1e9:.3f}G, "
+                f"trainable {flops.n_trainable / 1e9:.3f}G)  "
+                f"{flops.per_token / 1e9:.2f} GFLOP/token"
+            )
+            if peak := peak_tflops(device_kind):
+                out += f"  MFU {100 * mfu(tokens_per_s, flops, peak):.1f}% of {peak:.0f} TFLOP/s"
+            print(out, flush=True)
+    for variant, tokens_per_s in ours if peft else ():
+        print(f"ratio ours {variant} / transformers+PEFT: {tokens_per_s / peft:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="34m")
@@ -197,7 +323,16 @@ def main() -> None:
         default=["lora_only", "lisendiff"],
         choices=["lora_only", "lisendiff"],
     )
+    parser.add_argument(
+        "--mfu-from-log",
+        metavar="LOG",
+        help="only recompute FLOPs, MFU and the ratios to PEFT from the tokens/s in a log "
+        "of this script or of gpu_check.sh",
+    )
     args = parser.parse_args()
+    if args.mfu_from_log:
+        mfu_from_log(args.mfu_from_log)
+        return
 
     device = jax.devices()[0]
     print(
@@ -213,14 +348,14 @@ def main() -> None:
         results[variant] = run_ours(args, lisendiff=variant == "lisendiff")
     if not args.no_peft:
         results["peft"] = run_peft(args)
-    peak = next((v for k, v in PEAK_TFLOPS.items() if k in device.device_kind), None)
+    peak = peak_tflops(device.device_kind)
     for name, r in results.items():
         line = f"{name:>10}: {r['tokens_per_s']:9.1f} tok/s  step {r['step_s'] * 1e3:8.1f} ms"
         if "compile_s" in r:
             line += f"  compile {r['compile_s']:.1f} s  trainable {r['trainable_M']:.1f}M"
-        if peak and "flops_per_token" in r:
-            mfu = r["tokens_per_s"] * r["flops_per_token"] / (peak * 1e12)
-            line += f"  MFU {100 * mfu:.1f}%"
+            line += f"  {r['flops'].per_token / 1e9:.2f} GFLOP/token"
+            if peak:
+                line += f"  MFU {100 * mfu(r['tokens_per_s'], r['flops'], peak):.1f}%"
         if "peak_gib" in r:
             fits = "fits" if r["peak_gib"] < 23.5 else "does NOT fit"
             line += f"  peak {r['peak_gib']:.2f} GiB ({fits} 24 GB)"

@@ -1,44 +1,94 @@
 #!/usr/bin/env bash
-# Every GPU check in one run, for a lent H100/H200 (under 10 minutes):
+# Every GPU check in one run on one H100/H200, each part under its own time limit (the limits
+# add up to 590 s, under 10 minutes):
 #   1. the training step of a Llama-3.1-8B-shaped random model in bf16 with the paper's
 #      settings (LisenDiff, then the LoRA-only baseline), and transformers + PEFT on the same
 #      shape: tokens/s, model FLOPs utilisation, peak memory, and whether it fits 24 GB;
 #   2. greedy decoding of the same shape, ours vs transformers' generate;
 #   3. the latent sampler at the paper's sizes (d_enc 768, T = 50): the chain as one scan vs
 #      a Python loop of jitted steps, latents/s at batch 1 and 64.
-# Each part runs in its own process so that peak memory is its own.
-# Usage, from the repository root: bash benchmarks/gpu_check.sh
-# Python wheels in .whl/ (packages the GPU image lacks) are installed first if present; the lent
-# H200/H100 image lacks ml_collections: `pip download --no-deps -d .whl ml_collections==1.1.0`.
+# Each part runs in its own process so that peak memory is its own. After each part a status
+# line says `part NAME: ok (S s)`, `FAILED rc=N (S s)` or `TIMED OUT after LIMIT s`; a summary
+# ends the run, and the exit status is 1 when any part did not finish ok.
+#
+# Usage, from anywhere:  bash benchmarks/gpu_check.sh
+#   GPU_CHECK_LOG=FILE  where the log goes (default /tmp/gpu_check.log);
+#   PYTHON=INTERPRETER  the Python that runs the parts (default python3).
+# Packages the GPU machine lacks can be put in .whl/ as wheels (e.g. `pip download --no-deps
+# -d .whl ml_collections==1.1.0`); they are installed into /tmp/site first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-LOG="${OUT:-/tmp}/gpu_check.log"
-if compgen -G ".whl/*.whl" >/dev/null; then
-    rm -rf /tmp/site
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-    export PYTHONPATH="/tmp/site:$PWD"
-else
-    export PYTHONPATH="$PWD"
-fi
+LOG="${GPU_CHECK_LOG:-${TMPDIR:-/tmp}/gpu_check.log}"
+PYTHON="${PYTHON:-python3}"
+: >"$LOG"
 # Without preallocation, the peak that JAX reports is what the run needed, not 75% of the card.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
+export PYTHONPATH="$PWD"
 
+say() { echo "$*" | tee -a "$LOG"; }
+
+STATUS=()
+FAILED=0
+# part NAME LIMIT_S COMMAND...: runs COMMAND under `timeout LIMIT_S`, its output (less absl's
+# W0000/I0000 noise) to the terminal and the log, then one status line.
 part() {
-    local title=$1 limit=$2
+    local name=$1 limit=$2 start rc elapsed line
     shift 2
-    echo "== $title" | tee -a "$LOG"
-    timeout "$limit" "$@" 2>&1 | grep -v -e "^W0000" -e "^I0000" | tee -a "$LOG"
+    say "== $name: $*"
+    start=$SECONDS
+    # A part that ignores SIGTERM is killed 5 s later.
+    timeout -k 5 "$limit" "$@" 2>&1 | { grep -v -e "^W0000" -e "^I0000" || true; } |
+        tee -a "$LOG"
+    rc=${PIPESTATUS[0]} elapsed=$((SECONDS - start))
+    if [ "$rc" -eq 0 ]; then
+        line="part $name: ok ($elapsed s)"
+    elif [ "$rc" -eq 124 ] || { [ "$rc" -eq 137 ] && [ "$elapsed" -ge "$limit" ]; }; then
+        line="part $name: TIMED OUT after $limit s"
+    else  # 137 before the limit: killed, e.g. out of host memory
+        line="part $name: FAILED rc=$rc ($elapsed s)"
+    fi
+    [ "$rc" -eq 0 ] || FAILED=$((FAILED + 1))
+    STATUS+=("$line")
+    say "$line"
 }
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG"
-python3 -c "import jax, flax, torch, transformers as t; print('jax', jax.__version__, \
-'flax', flax.__version__, 'torch', torch.__version__, 'transformers', t.__version__)" | tee -a "$LOG"
-TRAIN=(python3 benchmarks/bench_train_step.py --size 8b --batch 1 --seq 512 --steps 5)
-# Limits add up to 580 s; the H200 run of the first four parts took 510 s in all.
-part "train step: LisenDiff, paper settings" 170 "${TRAIN[@]}" --no-peft --variants lisendiff
-part "train step: LoRA-only baseline" 130 "${TRAIN[@]}" --no-peft --variants lora_only
-part "train step: transformers + PEFT LoRA" 120 "${TRAIN[@]}" --variants
-part "decode: ours vs transformers.generate" 110 \
-    python3 benchmarks/bench_decode.py --size 8b --batch 1 8 --new-tokens 128 --repeats 2
-part "sampler: scan vs loop of jitted steps" 50 \
-    python3 benchmarks/bench_sampler.py --batch 1 64 --repeats 5 --e2e-batch
+if compgen -G ".whl/*.whl" >/dev/null; then
+    rm -rf /tmp/site
+    part wheels 10 "$PYTHON" -m pip install -q --no-index --no-deps --no-compile \
+        --target /tmp/site .whl/*.whl
+    export PYTHONPATH="/tmp/site:$PWD"
+fi
+environment() {
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader &&
+        "$PYTHON" - <<'PY'
+from importlib.metadata import PackageNotFoundError, version
+
+for name in ("jax", "jaxlib", "flax", "torch", "transformers", "peft"):
+    try:
+        print(name, version(name), end="  ")
+    except PackageNotFoundError:
+        print(name, "NOT INSTALLED", end="  ")
+print()
+PY
+}
+export -f environment
+export PYTHON
+part environment 10 bash -c environment
+TRAIN=("$PYTHON" benchmarks/bench_train_step.py --size 8b --batch 1 --seq 512 --steps 5)
+part train_lisendiff 165 "${TRAIN[@]}" --no-peft --variants lisendiff
+part train_lora_only 125 "${TRAIN[@]}" --no-peft --variants lora_only
+part train_peft 120 "${TRAIN[@]}" --variants
+part decode 110 \
+    "$PYTHON" benchmarks/bench_decode.py --size 8b --batch 1 8 --new-tokens 128 --repeats 2
+part sampler 50 \
+    "$PYTHON" benchmarks/bench_sampler.py --batch 1 64 --repeats 5 --e2e-batch
+
+say "== summary ($SECONDS s in all; log: $LOG)"
+for line in "${STATUS[@]}"; do
+    say "$line"
+done
+if [ "$FAILED" -ne 0 ]; then
+    say "$FAILED part(s) did not finish ok: the figures above are incomplete"
+    exit 1
+fi
+say "all parts ok"
