@@ -116,7 +116,9 @@ def _listener(workdir: str):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m lisendiff_jax.analysis", description=__doc__.splitlines()[0]
+    )
     sub = p.add_subparsers(dest="command", required=True)
     for name in ("map", "retrieve"):
         c = sub.add_parser(name)

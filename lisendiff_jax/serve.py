@@ -12,14 +12,17 @@ How a chat maps to the model's context: the user and assistant messages, oldest 
 the context turns (`inference.Request.context`); the last one must be the user's. A system
 message is accepted and ignored: the model always answers with the system prompt of its
 target language, the one it was trained with. Honoured: `temperature` (0 = greedy), `top_p`,
-`max_tokens` (or `max_completion_tokens`), `seed` (default 0: the same request gets the same
-reply); extra fields `style` ("empathy" or "default") and `lang` (e.g. "zh", "yue"; default:
-the run's target language). `n` must be 1 and `stream` false. `finish_reason` is always "stop"
-and no token usage is reported.
+`max_tokens` (or `max_completion_tokens`), `seed` (an integer >= 0, default 0: the same
+request gets the same reply); extra fields `style` ("empathy" or "default") and `lang` (e.g.
+"zh", "yue"; default: the run's target language). `n` must be 1 and `stream` false.
+`finish_reason` is always "stop" and no token usage is reported. A blank message before the
+last is dropped (a client may send back an empty reply); the last must not be blank.
 
-Bad requests (invalid JSON, unknown roles, no messages, an oversize body, values out of range,
-another model's name) get a 4xx answer with an OpenAI-style error object; a failure inside the
-model answers 500 to the requests of that batch and the server keeps serving.
+Bad requests (a body that is not UTF-8 JSON, unknown roles, no messages, a blank last message,
+an oversize body, values out of range, another model's name, a prompt that `max_tokens` leaves
+no room for, an unknown route or method) get a 4xx answer with an OpenAI-style error object,
+found before the request joins a batch; a failure inside the model answers 500 to the requests
+of that batch and the server keeps serving.
 
 Batching: requests are read on threads and handed to one worker thread, which runs the model
 on up to `--max-batch` requests at once: those with the same sampling settings that arrived
@@ -49,6 +52,7 @@ from typing import Any
 
 MAX_BODY_BYTES = 1 << 20
 ROLES = ("system", "user", "assistant")
+ROUTES = {"/v1/chat/completions": "POST", "/v1/models": "GET"}  # path: its one method
 
 
 class RequestError(ValueError):
@@ -73,12 +77,26 @@ def _text(content: Any, index: int) -> str:
     )
 
 
-def _number(body: dict, name: str, default: float, low: float, high: float) -> float:
+def _number(
+    body: dict, name: str, default: float, low: float, high: float, open_low: bool = False
+) -> float:
     value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
-        raise RequestError(f"{name} must be a number in [{low}, {high}]", param=name)
+    # NaN fails both comparisons; JSON's Infinity fails the upper one.
+    inside = (
+        isinstance(value, int | float) and low <= value <= high and not (open_low and value == low)
+    )
+    if isinstance(value, bool) or not inside:
+        interval = f"{'(' if open_low else '['}{low}, {high}]"
+        raise RequestError(f"{name} must be a number in {interval}", param=name)
+    return value
+
+
+def _integer(body: dict, name: str, low: int) -> int | None:
+    value = body.get(name)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+        raise RequestError(f"{name} must be an integer >= {low}", param=name)
     return value
 
 
@@ -98,9 +116,11 @@ def parse_chat(body: Any, model_name: str, default_lang: str) -> tuple[Any, Any]
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError("messages must be a non-empty list", param="messages")
-    turns, roles = [], []
+    turns, roles, last = [], [], 0
     for i, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in ROLES:
+        if not isinstance(message, dict):
+            raise RequestError(f"messages[{i}] must be an object", param=f"messages[{i}]")
+        if message.get("role") not in ROLES:
             raise RequestError(
                 f"messages[{i}].role must be one of {', '.join(ROLES)}", param=f"messages[{i}]"
             )
@@ -108,21 +128,24 @@ def parse_chat(body: Any, model_name: str, default_lang: str) -> tuple[Any, Any]
         if message["role"] != "system":
             turns.append(text)
             roles.append(message["role"])
+            last = i
     if not roles or roles[-1] != "user":
         raise RequestError("the last non-system message must be the user's", param="messages")
-    if body.get("stream"):
+    if not turns[-1].strip():  # a blank earlier turn is dropped, but this one is the question
+        raise RequestError(f"messages[{last}].content is blank", param=f"messages[{last}]")
+    if body.get("stream") not in (None, False):
         raise RequestError("stream is not supported", param="stream")
-    if body.get("n", 1) != 1:
+    if isinstance(body.get("n"), bool) or body.get("n", 1) != 1:
         raise RequestError("n must be 1", param="n")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    seed = body.get("seed")
-    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
-        raise RequestError("max_tokens must be a positive integer", param="max_tokens")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise RequestError("seed must be an integer", param="seed")
+    tokens_field = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    max_tokens = _integer(body, tokens_field, 1)
+    seed = _integer(body, "seed", 0)
+    for name in ("style", "lang"):
+        if not isinstance(body.get(name, ""), str):
+            raise RequestError(f"{name} must be a string", param=name)
     options = Options(
         temperature=_number(body, "temperature", Options.temperature, 0.0, 2.0),
-        top_p=_number(body, "top_p", Options.top_p, 0.0, 1.0),
+        top_p=_number(body, "top_p", Options.top_p, 0.0, 1.0, open_low=True),
         max_tokens=max_tokens or Options.max_tokens,
     )
     try:
@@ -241,8 +264,9 @@ class ChatServer(ThreadingHTTPServer):
     def complete(self, body: Any) -> dict:
         """The chat completion object answering `body`."""
         request, options = parse_chat(body, self.model_name, self.default_lang)
-        try:
-            self.listener.prepare(options)  # settings out of range are the client's fault
+        try:  # here, not in the batch: one request's fault must not fail the others
+            self.listener.prepare(options)
+            self.listener.check(request, options)
         except ValueError as err:
             raise RequestError(str(err)) from None
         reply = self.batcher.submit(request, options).result()
@@ -269,22 +293,49 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass  # one line per request would drown the console under load
 
-    def _send(self, status: int, payload: dict) -> None:
+    def _send(self, status: int, payload: dict, headers: dict | None = None) -> None:
         data = json.dumps(payload, ensure_ascii=False).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json; charset=utf-8")
         self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
 
-    def _error(self, status: int, message: str, param: str | None = None) -> None:
+    def _error(
+        self, status: int, message: str, param: str | None = None, headers: dict | None = None
+    ) -> None:
         kind = "server_error" if status >= 500 else "invalid_request_error"
         error = {"message": message, "type": kind, "param": param, "code": None}
-        self._send(status, {"error": error})
+        self._send(status, {"error": error}, headers)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        # http.server's own refusals (a malformed request line, an unknown method, headers
+        # too long) answer in the API's JSON, not in HTML.
+        self.close_connection = True
+        self._error(code, message or HTTPStatus(code).phrase)
+
+    def _routed(self) -> bool:
+        """Whether this method and path are served; answers 404 or 405 if not."""
+        method = ROUTES.get(self.path.partition("?")[0].rstrip("/"))
+        if method == self.command:
+            return True
+        self.close_connection = True  # the unread body would corrupt the next request
+        if method is None:
+            self._error(HTTPStatus.NOT_FOUND, f"no route {self.command} {self.path}")
+        else:
+            self._error(
+                HTTPStatus.METHOD_NOT_ALLOWED,
+                f"{self.path} answers {method}, not {self.command}",
+                headers={"Allow": method},
+            )
+        return False
+
+    do_PUT = do_PATCH = do_DELETE = _routed  # none is served: 404 or 405
 
     def do_GET(self) -> None:
-        if self.path.rstrip("/") != "/v1/models":
-            self._error(HTTPStatus.NOT_FOUND, f"no route GET {self.path}")
+        if not self._routed():
             return
         model = {
             "id": self.server.model_name,
@@ -295,9 +346,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(HTTPStatus.OK, {"object": "list", "data": [model]})
 
     def do_POST(self) -> None:
-        if self.path.rstrip("/") != "/v1/chat/completions":
-            self.close_connection = True  # the unread body would corrupt the next request
-            self._error(HTTPStatus.NOT_FOUND, f"no route POST {self.path}")
+        if not self._routed():
             return
         try:
             length = int(self.headers.get("Content-Length", ""))
@@ -309,9 +358,17 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {MAX_BODY_BYTES} bytes")
             return
+        if length < 0:  # read(-1) would wait for the client to close
+            self.close_connection = True
+            self._error(HTTPStatus.BAD_REQUEST, f"Content-Length {length} is negative")
+            return
         try:
-            body = json.loads(self.rfile.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            body = json.loads(self.rfile.read(length).decode("utf-8"))
+        except UnicodeDecodeError as err:
+            self._error(HTTPStatus.BAD_REQUEST, f"the body is not UTF-8: {err}")
+            return
+        # ValueError: also an integer past Python's digit limit; RecursionError: deep nesting.
+        except (ValueError, RecursionError) as err:
             self._error(HTTPStatus.BAD_REQUEST, f"the body is not valid JSON: {err}")
             return
         try:

@@ -32,6 +32,9 @@ class FixedJudge:
     def prepare(self, options):
         return None
 
+    def check(self, request, options):
+        return None
+
     def reply(self, requests, options, batch_size=16):
         answer = lambda r: "A" if r.context[-1].startswith("Conversation A") else 5
         return [Reply(json.dumps(dict.fromkeys(METRICS, answer(r))), None) for r in requests]

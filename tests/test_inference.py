@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
-from lisendiff_jax.infer.inference import Listener, Options, Request
+from lisendiff_jax.backbone.generate import Generation
+from lisendiff_jax.infer import inference
+from lisendiff_jax.infer.inference import InputError, Listener, Options, Request
 from lisendiff_jax.infer.restore import load_workdir
 
 HOT = Options(temperature=1.0, top_p=1.0, max_tokens=8)  # every token is drawn
@@ -35,7 +39,7 @@ def test_a_reply_is_the_same_alone_and_in_any_batch(listener):
     for reply in (first, among, split):
         same(alone, reply)
     # The long companion widens the shared prompt: the target is padded, and still the same.
-    assert listener._prompts(COMPANIONS, 256)[0]["input_ids"].shape[1] > 32
+    assert listener._pad([listener._encode(r, 8) for r in COMPANIONS])["input_ids"].shape[1] > 32
 
 
 def test_requests_without_a_seed_draw_by_position_in_the_call(listener):
@@ -54,3 +58,45 @@ def test_different_seeds_give_different_replies(listener):
     replies = [listener.reply([Request(TARGET.context, seed=s)], HOT)[0] for s in range(4)]
     assert len({r.text for r in replies}) == 4
     assert len({r.latent.tobytes() for r in replies}) == 4
+
+
+def test_max_tokens_past_the_context_is_refused_in_the_requests_terms(listener, monkeypatch):
+    context = listener.max_positions
+    with pytest.raises(InputError) as refused:
+        listener.check(TARGET, Options(max_tokens=context - 6))
+    found = re.fullmatch(
+        rf"max_tokens {context - 6} leaves no room for the (\d+)-token prompt in this model's "
+        rf"{context}-token context; use max_tokens <= (\d+)",
+        str(refused.value),
+    )
+    assert found, str(refused.value)
+    prompt, largest = map(int, found.groups())
+    assert prompt == len(listener._encode(TARGET, 1).input_ids) and largest == context - prompt
+    listener.check(TARGET, Options(max_tokens=largest))  # the advice holds, to the token
+    with pytest.raises(InputError):
+        listener.check(TARGET, Options(max_tokens=largest + 1))
+
+    def run_model(*args, **kwargs):
+        raise AssertionError("the model ran")
+
+    # A call with one such request stops before the model runs for any of them.
+    monkeypatch.setattr(inference, "_respond", run_model)
+    with pytest.raises(InputError, match="leaves no room"):
+        listener.reply([COMPANIONS[0], TARGET], Options(max_tokens=largest + 1), batch_size=1)
+
+
+def test_a_reply_cut_inside_a_character_loses_the_cut_character(listener):
+    encode = lambda text: listener.tokenizer.encode(text, add_special_tokens=False)
+    start, emoji, end = encode("我很"), encode("😀"), encode("好")
+    assert len(emoji) > 1  # the byte-level tokenizer spells the emoji in several byte tokens
+    assert listener.tokenizer.decode(start + emoji[:-1]).endswith("\ufffd")
+    rows = [
+        start + emoji[:-1],  # max_tokens cut the emoji: its bytes so far go
+        start + emoji[:1],
+        start + emoji[:-1] + end,  # invalid bytes the model wrote mid-text stay
+        start + emoji,
+    ]
+    width = max(map(len, rows))
+    tokens = np.array([r + [listener.pad_id] * (width - len(r)) for r in rows])
+    texts = listener._texts(Generation(tokens, np.array([len(r) for r in rows])))
+    assert texts == ["我很", "我很", "我很\ufffd好", "我很😀"]

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from tiny_workdir import make_tiny_workdir
 
 from lisendiff_jax.infer.chat import main
@@ -64,25 +67,45 @@ def test_jsonl_batch_keeps_order_ids_and_per_request_settings(tiny_workdir, caps
     ]
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in requests) + "\n\n")
-    code, out, err = run_main(
-        capsys, "--workdir", str(tiny_workdir), "--input", str(src), "--output", str(dst), *FAST
-    )
+    base = ["--workdir", str(tiny_workdir), *FAST, "--temperature", "1.0"]
+    w = [*base, "--seed", "10"]
+    code, out, err = run_main(capsys, *w, "--input", str(src), "--output", str(dst), "--json")
     assert code == 0, err
     assert out == ""
     records = [json.loads(line) for line in dst.read_text().splitlines()]
     assert [r.get("id") for r in records] == ["a", None, 7, "own seed"]
+    assert [r["seed"] for r in records] == [10, 11, 12, 5]  # --seed plus the place, or its own
     assert [r["style"] for r in records] == ["empathy", "default", "empathy", "empathy"]
     assert [r["lang"] for r in records] == ["zh", "zh", "yue", "zh"]  # the run's language
     assert records[1]["context"] == ["Is the train late?", "Ten minutes."]
     assert all(len(r["latent"][0]) == 512 for r in records)
-    # A line's own seed: the reply --seed gives that context alone.
-    w = ["--workdir", str(tiny_workdir), "--json", *FAST, "--temperature", "1.0"]
-    src.write_text(json.dumps(requests[3]) + "\n")
-    code, _, err = run_main(capsys, *w[:2], "--input", str(src), "--output", str(dst), *w[3:])
+
+    # Without --json: text, each reply after its id (or line number) and seed, and no latent.
+    code, out, err = run_main(capsys, *w, "--input", str(src))
     assert code == 0, err
-    code, out, err = run_main(capsys, *w, "--context", "I lost my keys.", "--seed", "5")
+    assert out.splitlines() == [
+        f"{label}, seed {r['seed']}: {r['reply']}"
+        for label, r in zip(['id "a"', "line 2", "id 7", 'id "own seed"'], records, strict=True)
+    ]
+    code, _, err = run_main(capsys, *w, "--input", str(src), "--output", str(dst))
     assert code == 0, err
-    assert json.loads(out)["reply"] == json.loads(dst.read_text())["reply"]
+    assert "latent" not in json.loads(dst.read_text().splitlines()[0])
+
+    # The echoed seed gives the same reply alone, for a line without a seed too.
+    code, out, err = run_main(
+        capsys, *base, "--seed", "12", "--json", "--context", "我今天很难过。", "--lang", "yue"
+    )
+    assert code == 0, err
+    assert json.loads(out)["reply"] == records[2]["reply"]
+
+
+def test_help_documents_the_input_format(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for field in ("context", "id", "style", "lang", "seed"):
+        assert f"\n  {field:8} " in out
+    assert '"context"' in out and '"seed"' in out  # the example line and the output's fields
 
 
 def test_chat_keeps_the_conversation(tiny_workdir, capsys, monkeypatch):
@@ -131,6 +154,18 @@ def test_bad_input_gives_one_line_errors(tiny_workdir, capsys, tmp_path):
     assert f"{bad}:1: no built-in system prompt for language 'fr'" in _one_line_error(
         capsys, *w, "--input", str(bad)
     )
+    context_error = (
+        r"max_tokens 4090 leaves no room for the (\d+)-token prompt in this model's "
+        r"4096-token context; use max_tokens <= (\d+)"
+    )
+    message = _one_line_error(capsys, *w, "--context", "hi", "--max-tokens", "4090")
+    assert re.fullmatch("error: " + context_error, message), message
+    # The first line's short prompt leaves room for 4000 tokens, the third's does not.
+    bad.write_text('{"context": ["fine"]}\n\n{"context": "I lost my job. ||| Oh no! ||| Why?"}\n')
+    message = _one_line_error(capsys, *w, "--input", str(bad), "--max-tokens", "4000")
+    assert re.fullmatch(
+        f"error: {re.escape(str(bad))}:3: " + context_error.replace("4090", "4000"), message
+    ), message
     assert "DDIM steps must be in [2, 50]" in _one_line_error(
         capsys, *w, "--context", "hi", "--sampler", "ddim", "--ddim-steps", "99"
     )
@@ -164,3 +199,11 @@ def test_broken_workdirs_give_one_line_errors(tiny_workdir, capsys, tmp_path):
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), run.stderr
     assert f"{corrupt / '0'}: cannot restore checkpoint" in lines[0]
+
+
+@pytest.mark.parametrize("module", ["analysis", "evaluation.__main__", "export", "serve"])
+def test_module_commands_name_themselves_in_their_usage(module, capsys):
+    with pytest.raises(SystemExit):
+        importlib.import_module(f"lisendiff_jax.{module}").main(["--help"])
+    command = "python -m lisendiff_jax." + module.removesuffix(".__main__")
+    assert capsys.readouterr().out.startswith(f"usage: {command} ")

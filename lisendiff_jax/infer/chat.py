@@ -12,14 +12,11 @@ options, or within one option separated by " ||| ". --workdir takes a training w
 LisenDiff or LoRA-only run) or a folder written by `python -m lisendiff_jax.export`; without
 it the embedded default's workdir is used. --backbone samples an untrained backbone.
 
-JSONL input: one request per line, {"context": [turns] or "a ||| b", "style": ..., "lang": ...,
-"seed": ..., "id": ...}; only the context is required, the rest default to the command-line
-options (a line with its own seed draws as `--seed` with that value would for it alone). Every
-JSON output line holds the request, the reply, whether the context was cut, the latent
-([L, d] list, null without LisenDiff modules) and, with --trace, the reply decoded from each of
-the last steps' predicted y0 (each trace row draws its tokens with its reply's randomness, so
-the rows differ by their latent only and the t = 0 row is the reply). A request's reply depends
-on its seed (or --seed and its place in the input), not on --batch-size.
+The --input format and the output's fields are in `REQUESTS` (the end of --help). Every request
+has a seed, echoed with its reply: its own, or --seed plus its place among the file's requests,
+so that `--context ... --seed SEED` gives the same reply alone; it does not depend on
+--batch-size. With --trace each trace row draws its tokens with its reply's randomness, so the
+rows differ by their latent only and the t = 0 row is the reply.
 
 Errors are one line on stderr with exit status 1; a context cut to fit the model is a warning.
 """
@@ -32,18 +29,40 @@ import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from lisendiff_jax.data.example import STYLES
 from lisendiff_jax.data.formatting import SYSTEM_PROMPTS
 from lisendiff_jax.errors import UserError
+
+LANGS = ", ".join(sorted(SYSTEM_PROMPTS))
+REQUESTS = f"""\
+Context turns: oldest first (the newest is the user's), as repeated --context options or
+separated by ' ||| ' within one.
+
+--input FILE is JSON Lines, one request per line (blank lines are skipped), e.g.
+  {{"id": "a", "context": ["I failed my exam.", "Oh no!", "I froze."], "lang": "yue", "seed": 5}}
+  context  required: a list of turns, or one string of turns separated by ' ||| '
+  id       optional: any JSON value, echoed with the reply
+  style    optional: {" or ".join(STYLES)} (default: --style)
+  lang     optional: the system prompt's language, {LANGS} (default: --lang)
+  seed     optional: an integer (default: --seed plus the request's place among the file's
+           requests, 0 for the first); the reply is the one `--context ... --seed SEED` gives
+
+Output: text on stdout, each reply of an --input file after its request's id (or line number)
+and seed. With --json, or into --output, one JSON object per reply: "id" (if given), "seed",
+"context", "style", "lang", "reply", "truncated" (the context was cut to fit the model) and,
+with --trace, "trace" (a list of {{"t", "reply"}}); --json adds "latent", the sampled latent
+([L, d] floats; null for a model without LisenDiff modules).
+"""
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sample.py",
         description="Reply to a conversation with a trained LisenDiff model.",
-        epilog="Context turns: oldest first, repeated --context or separated by ' ||| '.",
+        epilog=REQUESTS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     source = p.add_argument_group("model")
     source.add_argument("--workdir", help="training workdir or exported folder")
@@ -54,8 +73,8 @@ def parser() -> argparse.ArgumentParser:
     what.add_argument("--context", action="append", default=[], help="turn(s), repeatable")
     what.add_argument("--style", choices=STYLES, default="empathy")
     what.add_argument("--lang", choices=sorted(SYSTEM_PROMPTS), help="default: the run's")
-    what.add_argument("--input", type=Path, help="JSONL file of requests")
-    what.add_argument("--output", type=Path, help="JSONL file for the replies")
+    what.add_argument("--input", type=Path, help="JSONL file of requests (format below)")
+    what.add_argument("--output", type=Path, help="JSONL file for the replies (fields below)")
     what.add_argument("--chat", action="store_true", help="interactive: keep the conversation")
     how = p.add_argument_group("sampling")
     how.add_argument("--seed", type=int, default=0)
@@ -69,7 +88,9 @@ def parser() -> argparse.ArgumentParser:
     show = p.add_argument_group("output")
     show.add_argument("--trace", action="store_true", help="also decode the last steps' y0")
     show.add_argument("--trace-steps", type=int, default=5, help="how many last steps")
-    show.add_argument("--json", action="store_true", help="one JSON object per reply")
+    show.add_argument(
+        "--json", action="store_true", help="one JSON object per reply, with its latent"
+    )
     return p
 
 
@@ -108,11 +129,15 @@ def load_model(
     return load_workdir(folder, step, dtype)
 
 
-def _requests_from_file(path: Path, args: argparse.Namespace) -> Iterator[tuple[dict, Any]]:
+def _requests_from_file(
+    path: Path, args: argparse.Namespace, listener: Any, options: Any
+) -> Iterator[tuple[str, dict, Any]]:
+    """(label, extra output fields, inference.Request) of each line; an error names the line."""
     from lisendiff_jax.infer.inference import InputError, Request, split_turns
 
     if not path.is_file():
         raise InputError(f"{path}: no such file")
+    index = 0
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
@@ -128,8 +153,8 @@ def _requests_from_file(path: Path, args: argparse.Namespace) -> Iterator[tuple[
             turns = split_turns(context) if isinstance(context, str) else context
             if not isinstance(turns, list) or not all(isinstance(t, str) for t in turns):
                 raise InputError(f"{where}: context must be a string or a list of strings")
-            seed = record.get("seed")
-            if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            seed = record.get("seed", args.seed + index)
+            if not isinstance(seed, int) or isinstance(seed, bool):
                 raise InputError(f"{where}: seed must be an integer")
             try:
                 request = Request(
@@ -138,37 +163,44 @@ def _requests_from_file(path: Path, args: argparse.Namespace) -> Iterator[tuple[
                     record.get("lang", args.lang),
                     seed,
                 )
+                listener.check(request, options)
             except InputError as err:
                 raise InputError(f"{where}: {err}") from None
-            yield record, request
+            index += 1
+            if "id" in record:
+                yield (
+                    f"id {json.dumps(record['id'], ensure_ascii=False)}",
+                    {"id": record["id"]},
+                    request,
+                )
+            else:
+                yield f"line {number}", {}, request
 
 
-def _record(request, reply, extra: dict | None = None) -> dict:
-    record = dict(extra or {})
+def _record(request, reply, extra: dict, with_latent: bool) -> dict:
+    record = dict(extra)
     record.update(
+        seed=request.seed,
         context=list(request.context),
         style=request.style,
         lang=request.lang,
         reply=reply.text,
         truncated=reply.truncated,
-        latent=None if reply.latent is None else reply.latent.tolist(),
     )
+    if with_latent:
+        record["latent"] = None if reply.latent is None else reply.latent.tolist()
     if reply.trace:
         record["trace"] = [{"t": s.t, "reply": s.text} for s in reply.trace]
     return record
 
 
-def _show(request, reply, as_json: bool, out: TextIO) -> None:
-    if as_json:
-        out.write(json.dumps(_record(request, reply), ensure_ascii=False) + "\n")
-        return
-    out.write(reply.text + "\n")
-    for step in reply.trace:
-        out.write(f"  t={step.t}: {step.text}\n")
+def _text(label: str | None, request, reply) -> str:
+    head = "" if label is None else f"{label}, seed {request.seed}: "
+    return head + reply.text + "\n" + "".join(f"  t={s.t}: {s.text}\n" for s in reply.trace)
 
 
 def _chat(listener, options, args: argparse.Namespace, history: list[str]) -> None:
-    from lisendiff_jax.infer.inference import Request
+    from lisendiff_jax.infer.inference import InputError, Request
 
     print("chat: type a message; /reset forgets the conversation, /quit (or Ctrl-D) ends it")
     while True:
@@ -186,11 +218,14 @@ def _chat(listener, options, args: argparse.Namespace, history: list[str]) -> No
             continue
         history.append(line)
         request = Request(tuple(history), args.style, args.lang)
-        reply = listener.reply([request], options)[0]
+        try:
+            reply = listener.reply([request], options)[0]
+        except InputError as err:  # e.g. a grown prompt and --max-tokens overflow the model
+            history.pop()
+            print(f"error: {err}", file=sys.stderr)
+            continue
         history.append(reply.text)
-        print(f"listener> {reply.text}")
-        for step in reply.trace:
-            print(f"  t={step.t}: {step.text}")
+        print("listener> " + _text(None, request, reply), end="")
 
 
 def run(args: argparse.Namespace, default_workdir: Path | None) -> None:
@@ -231,25 +266,22 @@ def run(args: argparse.Namespace, default_workdir: Path | None) -> None:
         _chat(listener, options, args, history)
         return
     if args.input:
-        pairs = list(_requests_from_file(args.input, args))
-        if not pairs:
+        entries = list(_requests_from_file(args.input, args, listener, options))
+        if not entries:
             raise InputError(f"{args.input}: no requests in the file")
-        records, requests = zip(*pairs, strict=True)
-        replies = listener.reply(list(requests), options, args.batch_size)
-        lines = [
-            json.dumps(
-                _record(q, r, {"id": rec["id"]} if "id" in rec else None), ensure_ascii=False
-            )
-            for rec, q, r in zip(records, requests, replies, strict=True)
-        ]
+        labels, extras, requests = zip(*entries, strict=True)
     else:
-        request = Request(tuple(history), args.style, args.lang)
-        reply = listener.reply([request], options)[0]
-        if not args.output:
-            _show(request, reply, args.json, sys.stdout)
-            return
-        lines = [json.dumps(_record(request, reply), ensure_ascii=False)]
-    text = "".join(line + "\n" for line in lines)
+        labels, extras = [None], [{}]
+        requests = [Request(tuple(history), args.style, args.lang, args.seed)]
+    replies = listener.reply(list(requests), options, args.batch_size)
+    answered = zip(labels, extras, requests, replies, strict=True)
+    if args.json or args.output:
+        text = "".join(
+            json.dumps(_record(q, r, extra, args.json), ensure_ascii=False) + "\n"
+            for _, extra, q, r in answered
+        )
+    else:
+        text = "".join(_text(label, q, r) for label, _, q, r in answered)
     if args.output:
         args.output.write_text(text, encoding="utf-8")
     else:

@@ -17,8 +17,13 @@ size: request i of a call draws from fold_in(key(options.seed), i), and a reques
 `seed` draws as the first request of a call with that seed would (a server batching requests
 of different clients gives each its seed).
 
-The prompt budget is the run's `data.max_length`, the longest chat the model was trained on,
-and never more than the backbone's positions minus the tokens to generate.
+The prompt budget is the run's `data.max_length`, the longest chat the model was trained on.
+A prompt and `max_tokens` that together overflow the backbone's positions are an `InputError`
+in the request's terms (the prompt's length, the largest `max_tokens` that fits), raised for
+every request of a call before the model runs.
+
+A reply or trace row cut by `max_tokens` inside a multi-byte character would end in U+FFFD;
+that tail is dropped (`without_cut_character`).
 
 Models without LisenDiff modules (the LoRA-only baseline, a bare backbone) decode from the
 prompt alone; their replies carry no latent and no trace.
@@ -43,7 +48,7 @@ from transformers import PreTrainedTokenizerBase
 from lisendiff_jax.backbone.generate import SamplingParams, decode
 from lisendiff_jax.data.encoder import Encoder, make_encoder
 from lisendiff_jax.data.example import STYLES
-from lisendiff_jax.data.formatting import encode_chat, system_prompt
+from lisendiff_jax.data.formatting import Encoded, encode_chat, system_prompt
 from lisendiff_jax.errors import UserError
 from lisendiff_jax.method.model import LisenDiff
 from lisendiff_jax.method.sampler import Plan, SamplerName, make_plan, sample
@@ -51,6 +56,8 @@ from lisendiff_jax.sharding import MeshPlan
 
 PAD_MULTIPLE = 32
 LATENT_SET_SIZE = 1  # the encoder cache gives one pooled vector per response (L = 1)
+REPLACEMENT = "\ufffd"
+MAX_MISSING_BYTES = 3  # a UTF-8 character cut short lacks at most 3 of its (up to) 4 bytes
 
 
 class InputError(UserError, ValueError):
@@ -106,6 +113,15 @@ class Reply:
     latent: np.ndarray | None  # [L, d] float32 in the encoder's space; None without LisenDiff
     trace: tuple[TraceStep, ...] = ()
     truncated: bool = False  # the context lost turns or characters to fit the prompt budget
+
+
+def without_cut_character(text: str) -> str:
+    """`text` less the U+FFFD its decoding ends with when the tokens stop inside a multi-byte
+    character. Byte-level BPE decodes such a tail to one U+FFFD, byte-fallback tokenizers to
+    one per byte, so at most `MAX_MISSING_BYTES` are dropped; a U+FFFD before the last
+    character is text the model wrote and stays."""
+    tail = len(text) - len(text.rstrip(REPLACEMENT))
+    return text[: len(text) - min(tail, MAX_MISSING_BYTES)]
 
 
 def split_turns(text: str, separator: str = "|||") -> list[str]:
@@ -241,11 +257,12 @@ class Listener:
         self.eos_ids = backbone.eos_token_ids or (tokenizer.eos_token_id,)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.max_positions = backbone.max_position_embeddings
+        self.prompt_budget = min(config.data.max_length, self.max_positions - 1)
         self.graphdef, self.state = nnx.split(model)
 
-    def prepare(self, options: Options) -> tuple[SamplingParams, Plan, int, int]:
-        """Decoding parameters, sampler plan, trace length and prompt budget for `options`;
-        raises ValueError for settings out of range before anything runs."""
+    def prepare(self, options: Options) -> tuple[SamplingParams, Plan, int]:
+        """Decoding parameters, sampler plan and trace length for `options`; raises ValueError
+        for settings out of range before anything runs."""
         params = SamplingParams(
             max_new_tokens=options.max_tokens,
             temperature=options.temperature,
@@ -257,38 +274,39 @@ class Listener:
         if options.trace_steps < 0:
             raise ValueError(f"trace steps must be >= 0, got {options.trace_steps}")
         trace_steps = min(options.trace_steps, plan.num_steps) if self.lisendiff else 0
-        budget = min(self.config.data.max_length, self.max_positions - options.max_tokens)
-        if budget < 1:
-            raise ValueError(
-                f"max tokens {options.max_tokens} leaves no room for a prompt in the "
-                f"backbone's {self.max_positions} positions"
-            )
-        return params, plan, trace_steps, budget
+        return params, plan, trace_steps
 
-    def _prompts(self, requests: Sequence[Request], budget: int) -> tuple[dict, list[bool]]:
-        rows, truncated = [], []
-        for r in requests:
-            try:
-                encoded = encode_chat(self.tokenizer, r.context, system_prompt(r.lang), budget)
-            except ValueError as err:
-                raise InputError(str(err)) from None
-            cut = encoded.kept_turns < len(r.context) or encoded.shortened != "none"
-            if cut:
-                warnings.warn(
-                    f"context cut to fit {budget} prompt tokens: kept the newest "
-                    f"{encoded.kept_turns} of {len(r.context)} turn(s)"
-                    + (", and only the end of that one" if encoded.shortened != "none" else ""),
-                    ContextTruncatedWarning,
-                    stacklevel=3,
-                )
-            rows.append(encoded.input_ids)
-            truncated.append(cut)
+    def check(self, request: Request, options: Options) -> None:
+        """Raises InputError when `request` cannot be answered with `options` (which `prepare`
+        accepts), without running the model: a server checks each request alone, so that a
+        bad one does not fail the batch it would join."""
+        self._encode(request, options.max_tokens)
+
+    def _encode(self, request: Request, max_tokens: int) -> Encoded:
+        """`request`'s prompt cut to the run's prompt budget, if `max_tokens` more fit the
+        backbone's positions; InputError, in the request's terms, if not."""
+        try:
+            encoded = encode_chat(
+                self.tokenizer, request.context, system_prompt(request.lang), self.prompt_budget
+            )
+        except ValueError as err:
+            raise InputError(str(err)) from None
+        prompt, context = len(encoded.input_ids), self.max_positions
+        if prompt + max_tokens > context:
+            raise InputError(
+                f"max_tokens {max_tokens} leaves no room for the {prompt}-token prompt in this "
+                f"model's {context}-token context; use max_tokens <= {context - prompt}"
+            )
+        return encoded
+
+    def _pad(self, prompts: Sequence[Encoded]) -> dict:
+        rows = [p.input_ids for p in prompts]
         width = -(-max(len(r) for r in rows) // PAD_MULTIPLE) * PAD_MULTIPLE
         ids = np.full((len(rows), width), self.pad_id, np.int32)
         mask = np.zeros((len(rows), width), np.int32)
         for i, row in enumerate(rows):  # left padding: every row's next token shares a slot
             ids[i, width - len(row) :], mask[i, width - len(row) :] = row, 1
-        return {"input_ids": ids, "attention_mask": mask}, truncated
+        return {"input_ids": ids, "attention_mask": mask}
 
     def _context(self, requests: Sequence[Request]) -> dict:
         n_ctx = self.config.data.max_context
@@ -310,14 +328,28 @@ class Listener:
         """One reply per request, in order, decoded `batch_size` requests at a time. Request i
         draws from fold_in(key(options.seed), i), or from fold_in(key(request.seed), 0) when it
         has a seed, whatever its batch."""
-        params, plan, trace_steps, budget = self.prepare(options)
+        params, plan, trace_steps = self.prepare(options)
+        # Every prompt before any batch runs: a request that cannot be answered stops the call
+        # before the model does any work.
+        prompts = [self._encode(r, options.max_tokens) for r in requests]
+        truncated = []
+        for p, r in zip(prompts, requests, strict=True):
+            truncated.append(p.kept_turns < len(r.context) or p.shortened != "none")
+            if truncated[-1]:
+                warnings.warn(
+                    f"context cut to fit {self.prompt_budget} prompt tokens: kept the newest "
+                    f"{p.kept_turns} of {len(r.context)} turn(s)"
+                    + (", and only the end of that one" if p.shortened != "none" else ""),
+                    ContextTruncatedWarning,
+                    stacklevel=2,
+                )
         # uint32: jax.random.key keeps a seed's low 32 bits, so any int seed maps as it would.
         seeds = np.array([options.seed if r.seed is None else r.seed for r in requests]) % 2**32
         positions = [0 if r.seed is not None else i for i, r in enumerate(requests)]
         replies: list[Reply] = []
         for start in range(0, len(requests), batch_size):
             chunk = requests[start : start + batch_size]
-            batch, truncated = self._prompts(chunk, budget)
+            batch = self._pad(prompts[start : start + batch_size])
             if self.lisendiff:
                 batch.update(self._context(chunk))
             batch["seed"] = seeds[start : start + batch_size].astype(np.uint32)
@@ -338,13 +370,15 @@ class Listener:
                 ]
             replies += [
                 Reply(text, latent, trace, cut)
-                for text, latent, trace, cut in zip(texts, latents, traces, truncated, strict=True)
+                for text, latent, trace, cut in zip(
+                    texts, latents, traces, truncated[start : start + batch_size], strict=True
+                )
             ]
         return replies
 
     def _texts(self, generation) -> list[str]:
         tokens, lengths = np.asarray(generation.tokens), np.asarray(generation.lengths)
         return [
-            self.tokenizer.decode(row[:n], skip_special_tokens=True).strip()
+            without_cut_character(self.tokenizer.decode(row[:n], skip_special_tokens=True)).strip()
             for row, n in zip(tokens, lengths, strict=True)
         ]
