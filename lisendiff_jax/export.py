@@ -28,7 +28,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
@@ -38,7 +38,7 @@ import numpy as np
 from flax import nnx
 
 from lisendiff_jax.backbone.layout import PROJECTIONS
-from lisendiff_jax.backbone.loading import path_to_hf_key, read_safetensors
+from lisendiff_jax.backbone.loading import path_to_hf_key, read_safetensors, write_safetensors
 from lisendiff_jax.errors import UserError
 from lisendiff_jax.infer.restore import (
     Loaded,
@@ -59,46 +59,9 @@ MODULES_FILE = "lisendiff/modules.safetensors"
 MODULES_CONFIG = "lisendiff/config.json"
 EXPORT_FORMAT = 1
 
-_SAFETENSORS_DTYPES = {
-    np.dtype(np.float64): "F64",
-    np.dtype(np.float32): "F32",
-    np.dtype(np.float16): "F16",
-    np.dtype(ml_dtypes.bfloat16): "BF16",
-    np.dtype(np.int32): "I32",
-    np.dtype(np.int64): "I64",
-}
-
 
 class ExportError(UserError, ValueError):
     """An export folder that cannot be written or read; the message names the file."""
-
-
-def write_safetensors(
-    path: Path, tensors: Iterable[tuple[str, tuple[tuple[int, ...], np.dtype], Callable]]
-) -> None:
-    """Writes (name, (shape, dtype), fetch) entries as one safetensors file, fetching one array
-    at a time, so a model larger than host memory never needs to be there all at once."""
-    entries, offset = [], 0
-    header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
-    for name, (shape, dtype), fetch in tensors:
-        size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        header[name] = {
-            "dtype": _SAFETENSORS_DTYPES[np.dtype(dtype)],
-            "shape": list(shape),
-            "data_offsets": [offset, offset + size],
-        }
-        entries.append((shape, dtype, fetch))
-        offset += size
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        for shape, dtype, fetch in entries:
-            array = np.asarray(fetch(), dtype)
-            if array.shape != tuple(shape):
-                raise ExportError(f"{path}: tensor shape {array.shape} != declared {shape}")
-            f.write(array.tobytes())  # C order, whatever the array's strides
 
 
 def _entry(name: str, value: jax.Array, transpose: bool = False):

@@ -49,14 +49,21 @@ KINDS = {
 def make_checkpoint(kind: str, folder: Path, seed: int = 0, **save_kwargs) -> torch.nn.Module:
     """Writes a random checkpoint of `kind` to `folder` and returns the PyTorch model."""
     torch.manual_seed(seed)
-    model = KINDS[kind]().eval()
-    # transformers' init leaves biases at 0 and norms at 1; randomise every tensor so that
-    # a parameter loaded into the wrong place cannot go unnoticed.
+    model = randomize(KINDS[kind]().eval())
+    model.save_pretrained(folder, **save_kwargs)
+    return model
+
+
+def randomize(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` with every tensor random (from torch's current seed), in place.
+
+    transformers' init leaves biases at 0 and norms at 1; randomising every tensor means a
+    parameter loaded into the wrong place cannot go unnoticed.
+    """
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
                 param.copy_(1.0 + 0.2 * torch.randn_like(param))
             else:
                 param.copy_(0.08 * torch.randn_like(param))
-    model.save_pretrained(folder, **save_kwargs)
     return model

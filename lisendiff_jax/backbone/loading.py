@@ -11,7 +11,7 @@ import json
 import mmap
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import jax
@@ -91,6 +91,7 @@ _DTYPES = {
     "U8": np.uint8,
     "BOOL": np.bool_,
 }
+_DTYPE_NAMES = {np.dtype(dtype): name for name, dtype in _DTYPES.items()}
 
 
 def read_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
@@ -117,6 +118,34 @@ def read_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
         count = (end - begin) // dtype.itemsize
         array = np.frombuffer(buf, dtype=dtype, count=count, offset=data_start + begin)
         yield name, array.reshape(info["shape"])
+
+
+def write_safetensors(
+    path: Path, tensors: Iterable[tuple[str, tuple[tuple[int, ...], np.dtype], Callable]]
+) -> None:
+    """Writes (name, (shape, dtype), fetch) entries as one safetensors file, fetching one array
+    at a time, so a model larger than host memory never needs to be there all at once."""
+    entries, offset = [], 0
+    header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
+    for name, (shape, dtype), fetch in tensors:
+        size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        header[name] = {
+            "dtype": _DTYPE_NAMES[np.dtype(dtype)],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
+        entries.append((shape, dtype, fetch))
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for shape, dtype, fetch in entries:
+            array = np.asarray(fetch(), dtype)
+            if array.shape != tuple(shape):
+                raise CheckpointError(f"{path}: tensor shape {array.shape} != declared {shape}")
+            f.write(array.tobytes())  # C order, whatever the array's strides
 
 
 def safetensors_files(folder: Path) -> list[Path]:
@@ -161,15 +190,58 @@ def resolve_checkpoint(path_or_hub_id: str | os.PathLike) -> Path:
         ) from None
 
 
-def _sharded(
+Sharding = Callable[[str, tuple[int, ...]], jax.sharding.Sharding]
+
+
+def abstract_decoder(
+    config: BackboneConfig, dtype: str | jnp.dtype, compute_dtype: str | jnp.dtype | None
+) -> tuple[nnx.GraphDef, nnx.State, dict[tuple, nnx.Variable]]:
+    """A shape-only Decoder (no memory) as graph, state and its flat {path: variable} map."""
+    param_dtype = jnp.dtype(dtype)
+    compute = jnp.dtype(compute_dtype) if compute_dtype is not None else param_dtype
+    abstract = nnx.eval_shape(
+        lambda: Decoder(config, dtype=compute, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+    )
+    graphdef, state = nnx.split(abstract)
+    return graphdef, state, dict(nnx.to_flat_state(state))
+
+
+def expected_shape(variable: nnx.Variable, transpose: bool) -> tuple[int, ...]:
+    """The shape the checkpoint stores for `variable` (torch layout when `transpose`)."""
+    return tuple(variable.shape[::-1] if transpose else variable.shape)
+
+
+def place(
+    variable: nnx.Variable,
     tensor: np.ndarray,
-    dtype: jnp.dtype,
-    sharding: Callable[[str, tuple[int, ...]], jax.sharding.Sharding],
+    transpose: bool,
+    sharding: Sharding | None,
     path: tuple[str | int, ...],
-) -> jax.Array:
-    placement = sharding(".".join(map(str, path)), tensor.shape)
-    return jax.make_array_from_callback(
-        tensor.shape, placement, lambda index: np.asarray(tensor[index]).astype(dtype)
+    where: str,
+) -> None:
+    """Sets one abstract variable from a checkpoint tensor, in the variable's dtype; `where`
+    ("FILE: tensor NAME") names it in the error for a wrong shape."""
+    expected = expected_shape(variable, transpose)
+    if tensor.shape != expected:
+        raise CheckpointError(f"{where} has shape {tuple(tensor.shape)}, expected {expected}")
+    dtype = variable.dtype
+    if sharding is None:
+        value = jnp.asarray(tensor)  # transposed and cast on the device, not in NumPy
+        value = (value.T if transpose else value).astype(dtype)
+    else:
+        tensor = tensor.T if transpose else tensor
+        placement = sharding(".".join(map(str, path)), tensor.shape)
+        value = jax.make_array_from_callback(
+            tensor.shape, placement, lambda index: np.asarray(tensor[index]).astype(dtype)
+        )
+    variable.set_value(value)
+
+
+def lacking_error(source: str | os.PathLike, names: list[str]) -> CheckpointError:
+    """The error for a checkpoint that lacks the tensors `names` (in its own naming)."""
+    return CheckpointError(
+        f"{source}: checkpoint lacks {len(names)} tensor(s) the config needs: "
+        f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
     )
 
 
@@ -177,24 +249,23 @@ def load_backbone(
     path_or_hub_id: str | os.PathLike,
     dtype: str | jnp.dtype = "float32",
     compute_dtype: str | jnp.dtype | None = None,
-    sharding: Callable[[str, tuple[int, ...]], jax.sharding.Sharding] | None = None,
+    sharding: Sharding | None = None,
 ) -> Decoder:
     """A Decoder with the checkpoint's weights in `dtype`, computing in `compute_dtype`.
 
-    `compute_dtype` defaults to `dtype`; logits and attention softmax are float32 either way.
-    `sharding(path, shape)`, when given, places each tensor (path like
-    "layers.0.mlp.up_proj.kernel") as it is read: each device receives only its own piece,
-    read from the memory-mapped file, so no device or host ever holds the whole model.
+    The checkpoint is a Hugging Face folder or hub id, or a `.gguf` file (see
+    `lisendiff_jax.backbone.gguf`). `compute_dtype` defaults to `dtype`; logits and attention
+    softmax are float32 either way. `sharding(path, shape)`, when given, places each tensor
+    (path like "layers.0.mlp.up_proj.kernel") as it is read: each device receives only its own
+    piece, read from the memory-mapped file, so no device or host ever holds the whole model.
     """
+    if Path(path_or_hub_id).suffix.lower() == ".gguf":
+        from lisendiff_jax.backbone.gguf import load_gguf
+
+        return load_gguf(path_or_hub_id, dtype, compute_dtype, sharding)
     folder = resolve_checkpoint(path_or_hub_id)
     config = BackboneConfig.from_pretrained(folder)
-    param_dtype = jnp.dtype(dtype)
-    compute = jnp.dtype(compute_dtype) if compute_dtype is not None else param_dtype
-    abstract = nnx.eval_shape(
-        lambda: Decoder(config, dtype=compute, param_dtype=param_dtype, rngs=nnx.Rngs(0))
-    )
-    graphdef, state = nnx.split(abstract)
-    targets = dict(nnx.to_flat_state(state))
+    graphdef, state, targets = abstract_decoder(config, dtype, compute_dtype)
     filled: set[tuple] = set()
     for file in safetensors_files(folder):
         for name, tensor in read_safetensors(file):
@@ -206,24 +277,9 @@ def load_backbone(
                     continue  # some exporters write the tied head out anyway
                 raise CheckpointError(f"{file}: unexpected tensor {name} for {config.architecture}")
             path, transpose = mapped
-            variable = targets[path]
-            expected = variable.shape[::-1] if transpose else variable.shape
-            if tensor.shape != tuple(expected):
-                raise CheckpointError(
-                    f"{file}: tensor {name} has shape {tuple(tensor.shape)}, "
-                    f"expected {tuple(expected)}"
-                )
-            if sharding is None:
-                value = jnp.asarray(tensor)  # transposed and cast on the device, not in NumPy
-                value = (value.T if transpose else value).astype(param_dtype)
-            else:
-                value = _sharded(tensor.T if transpose else tensor, param_dtype, sharding, path)
-            variable.set_value(value)
+            place(targets[path], tensor, transpose, sharding, path, f"{file}: tensor {name}")
             filled.add(path)
     missing = [path_to_hf_key(p)[0] for p in targets if p not in filled]
     if missing:
-        raise CheckpointError(
-            f"{folder}: checkpoint lacks {len(missing)} tensor(s) the config needs: "
-            f"{', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}"
-        )
+        raise lacking_error(folder, missing)
     return nnx.merge(graphdef, state)
