@@ -1,4 +1,5 @@
-"""Cross-attention to the latent set: exact start, masking, L = 1, cached decoding."""
+"""Cross-attention to the latent set: exact start, masking, L = 1, NumPy parity, cached
+decoding."""
 
 from __future__ import annotations
 
@@ -7,6 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from numpy_reference import (
+    attention_weights,
+    layer_norm,
+    multi_head_attention,
+    randomise_parameters,
+    rms_norm,
+    weights,
+)
 from tiny_checkpoints import make_checkpoint
 
 from lisendiff_jax.backbone import load_backbone
@@ -81,6 +90,30 @@ def test_one_latent_gives_its_value_whatever_the_query():
     value = module.attn.o_proj(module.attn.v_proj(module.latent_norm(latent)))  # [2, 1, 64]
     np.testing.assert_allclose(out1, np.broadcast_to(value, out1.shape), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(out2, out1, rtol=1e-5, atol=1e-6)
+
+
+def test_multi_head_masked_attention_equals_numpy():
+    """Several latents, a different number masked in each row (one row none, one all)."""
+    module = CrossAttention(64, LATENT_DIM, 32, 4, norm_eps=1e-5, rngs=nnx.Rngs(0))
+    randomise_parameters(module, seed=3)
+    rng = np.random.RandomState(4)
+    hidden = rng.randn(4, 6, 64).astype(np.float32)
+    latents = rng.randn(4, 5, LATENT_DIM).astype(np.float32)
+    mask = np.array(
+        [[1, 1, 1, 1, 1], [1, 0, 1, 0, 0], [0, 0, 0, 0, 1], [0, 0, 0, 0, 0]], dtype=bool
+    )
+    out = np.asarray(module(jnp.asarray(hidden), jnp.asarray(latents), jnp.asarray(mask)))
+
+    w = weights(module)
+    reference = multi_head_attention(
+        rms_norm(hidden.astype(np.float64), w["norm.scale"], 1e-5),
+        layer_norm(latents, w["latent_norm.scale"], w["latent_norm.bias"], 1e-5),
+        mask,
+        attention_weights(w, "attn"),
+        num_heads=4,
+    )
+    assert np.abs(reference[:3]).min() > 0 and not reference[3].any()
+    np.testing.assert_allclose(out, reference, rtol=1e-5, atol=1e-5)
 
 
 def test_all_masked_row_gives_zero_without_nan():

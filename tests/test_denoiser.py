@@ -1,4 +1,5 @@
-"""Per-style denoisers with stacked parameters: routing, isolation, timestep features."""
+"""Per-style denoisers with stacked parameters: routing, isolation, timestep features, what
+the output depends on, and the paper's one-attention denoiser against NumPy."""
 
 from __future__ import annotations
 
@@ -7,8 +8,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from numpy_reference import (
+    attention_weights,
+    gelu,
+    layer_norm,
+    multi_head_attention,
+    randomise_parameters,
+    weights,
+)
 
-from lisendiff_jax.method.denoiser import DenoiserConfig, StyleDenoisers, timestep_embedding
+from lisendiff_jax.method.denoiser import (
+    Denoiser,
+    DenoiserConfig,
+    StyleDenoisers,
+    timestep_embedding,
+)
 
 D = 16
 CONFIG = DenoiserConfig(d_enc=D, num_heads=4, time_dim=8)
@@ -58,6 +72,47 @@ def test_gradients_reach_only_the_styles_in_the_batch(denoisers):
     grads = jax.tree.leaves(nnx.jit(nnx.grad(loss))(denoisers))
     assert all(not np.any(g[1]) for g in grads)
     assert any(np.any(g[0]) for g in grads)
+
+
+def test_output_depends_on_the_context_summary_and_the_step(denoisers):
+    out = np.asarray(run(denoisers, Y_T, T, X, STYLES))
+    other_x = np.asarray(run(denoisers, Y_T, T, X[::-1], STYLES))
+    other_t = np.asarray(run(denoisers, Y_T, (T + 13) % 50, X, STYLES))
+    # Every example's prediction moves, by far more than float noise.
+    for changed in (other_x, other_t):
+        assert np.all(np.abs(changed - out).max(axis=(1, 2)) > 1e-2)
+
+
+def test_one_attention_denoiser_equals_numpy():
+    """depth 1, no MLP: y0_hat = out(LN(y_t + Attn(LN(y_t), LN([t_emb; x])))), with
+    t_emb = MLP(sinusoid(t)), every weight random."""
+    config = DenoiserConfig(d_enc=D, num_heads=4, depth=1, mlp_ratio=0, time_dim=8, eps=1e-5)
+    module = Denoiser(config, rngs=nnx.Rngs(1))
+    assert module.blocks[0].mlp is None
+    randomise_parameters(module, seed=2)
+    out = np.asarray(run(module, Y_T, T, X))
+
+    w = weights(module)
+    half = config.time_dim // 2
+    angles = np.asarray(T, np.float64)[:, None] * 10000.0 ** (-np.arange(half) / half)
+    sinusoid = np.concatenate([np.sin(angles), np.cos(angles)], axis=-1)  # [batch, time_dim]
+    hidden = gelu(sinusoid @ w["time_mlp.fc_in.kernel"] + w["time_mlp.fc_in.bias"])
+    t_emb = hidden @ w["time_mlp.fc_out.kernel"] + w["time_mlp.fc_out.bias"]  # [batch, D]
+    keys_values = np.concatenate([t_emb[:, None], np.asarray(X, np.float64)], axis=1)
+    y_t = np.asarray(Y_T, np.float64)
+
+    def norm(x, name):
+        return layer_norm(x, w[f"{name}.scale"], w[f"{name}.bias"], config.eps)
+
+    h = y_t + multi_head_attention(
+        norm(y_t, "blocks.0.query_norm"),
+        norm(keys_values, "blocks.0.kv_norm"),
+        None,
+        attention_weights(w, "blocks.0.attn"),
+        config.num_heads,
+    )
+    reference = norm(h, "out_norm") @ w["out_proj.kernel"] + w["out_proj.bias"]
+    np.testing.assert_allclose(out, reference, rtol=1e-5, atol=1e-5)
 
 
 def test_timestep_embedding():
