@@ -2,8 +2,9 @@
 
 Config files in `configs/` start from `base_config()` (or `paper_config(...)`) and change
 values; they cannot add keys, and neither can `--config.key=value` on the command line, so a
-typo is an error rather than a silently ignored setting. `validate` checks values before any
-heavy work starts.
+typo is an error rather than a silently ignored setting. The one key meant to grow is
+`data.sources`: `train.py --source NAME=FORMAT:PATH[:FRACTION]` adds a corpus (`add_source`).
+`validate` checks values before any heavy work starts.
 """
 
 from __future__ import annotations
@@ -11,12 +12,17 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import os
+import re
 from pathlib import Path
+from typing import Any
 
 import ml_collections
+from absl import flags
+from ml_collections.config_flags import tuple_parser
 
 from lisendiff_jax.backbone.layout import PROJECTIONS
-from lisendiff_jax.data.readers import FORMATS
+from lisendiff_jax.data.errors import DataError
+from lisendiff_jax.data.readers import FORMATS, check_path
 from lisendiff_jax.errors import UserError
 
 SCHEDULES = ("constant", "cosine", "linear")
@@ -24,6 +30,8 @@ REMAT_POLICIES = ("none", "full", "dots")
 DIFFUSION_SCHEDULES = ("linear", "cosine", "zero_terminal_snr")
 LOSS_WEIGHTS = ("uniform", "snr", "min_snr")
 TARGET_LANGS = ("zh", "yue", "en", "ja")
+LOW_PRECISION_UPDATES = ("stochastic", "nearest", "float32_master")
+TRAIN_PROMPTS = ("example", "target", "none")
 TINY_BACKBONE = "tiny"
 
 
@@ -36,7 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.name = "experiment"
     c.seed = 0
-    # Steps and checkpoints (SPEC: every config has these two).
+    # Steps and checkpoints: scripts and tests rely on every config having these two.
     c.num_steps = 0  # 0 = one epoch over the data mix
     c.checkpoint_every = 500
     c.keep_checkpoints = 3
@@ -45,6 +53,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.batch_size = 1
     c.grad_accum_steps = 1
     c.learning_rate = 1e-4
+    # The LisenDiff modules' peak rate (cross-attention, style summary, denoisers), on the same
+    # schedule; 0 = learning_rate. They start from nothing, LoRA from the backbone.
+    c.modules_learning_rate = 0.0
     c.lr_schedule = "constant"
     c.warmup_steps = 0
     c.weight_decay = 0.0
@@ -60,7 +71,11 @@ def base_config() -> ml_collections.ConfigDict:
     m.backbone = "meta-llama/Llama-3.1-8B-Instruct"  # hub id, local folder, or "tiny"
     m.param_dtype = "bfloat16"  # the frozen backbone's weights
     m.compute_dtype = "bfloat16"
-    m.trainable_dtype = "float32"  # LoRA, cross-attention, summary, denoisers, lm_head
+    m.trainable_dtype = "float32"  # LoRA, cross-attention, summary, denoisers
+    # How updates land on trained bf16/fp16 weights (the lm_head, which keeps param_dtype):
+    # "stochastic" rounding (no extra memory), "nearest" (small updates vanish), or
+    # "float32_master" (a float32 copy in the optimizer state). See train/rounding.py.
+    m.low_precision_update = "stochastic"
     m.lisendiff = True  # False: the BaseLLM+L2 baseline (LoRA only)
     m.train_lm_head = True
     m.remat = "full"
@@ -87,7 +102,13 @@ def base_config() -> ml_collections.ConfigDict:
     # Named sources, so each path is one option: --config.data.sources.esconv.path=/data/esconv
     d.sources = ml_collections.ConfigDict()
     d.unit = "dialogues"
-    d.target_lang = "zh"  # which system prompt the LLM is trained with
+    d.target_lang = "zh"  # the reply language at inference: its system prompt is the default
+    # The system prompt each training example is encoded with. "example": the prompt of the
+    # example's own language (Example.lang), so the instruction always agrees with the gold
+    # reply; "target": the target language's prompt for every example, which asks for Mandarin
+    # over English or Japanese replies and so teaches the model to ignore the instruction that
+    # inference relies on; "none": no system message (the chat template's default, if any).
+    d.train_prompt = "example"
     d.max_length = 512  # tokens per example, context truncated from the oldest turn
     d.max_context = 8  # newest context utterances the summary sees
     d.encoder = "sentence-transformers/paraphrase-multilingual-mpnet-base-v2"
@@ -110,8 +131,8 @@ def load_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
     return module.get_config()
 
 
-def check_key(config: ml_collections.ConfigDict, dotted: str) -> None:
-    """Raises ConfigError unless `dotted` (e.g. "model.lora.rank") names an existing option."""
+def check_key(config: ml_collections.ConfigDict, dotted: str) -> Any:
+    """The value of option `dotted` (e.g. "model.lora.rank"); ConfigError if there is none."""
     node, walked = config, []
     for part in dotted.split("."):
         if not isinstance(node, ml_collections.ConfigDict) or part not in node:
@@ -120,6 +141,76 @@ def check_key(config: ml_collections.ConfigDict, dotted: str) -> None:
             hint = f" (did you mean {'.'.join([*walked, close[0]])!r}?)" if close else ""
             raise ConfigError(f"--config.{dotted}: no such option{hint}")
         node, walked = node[part], [*walked, part]
+    return node
+
+
+# The parsers ml_collections' config flags use for these types (absl's for the scalars), so a
+# value that passes here is one `--config.key=value` accepts; str options take any text.
+_VALUE_PARSERS: dict[type, tuple[flags.ArgumentParser, str]] = {
+    bool: (flags.BooleanParser(), "a bool (true or false)"),
+    int: (flags.IntegerParser(), "an int"),
+    float: (flags.FloatParser(), "a float"),
+    tuple: (tuple_parser.TupleParser(), "a tuple (quote it: \"('a', 'b')\")"),
+}
+
+
+def check_value(config: ml_collections.ConfigDict, dotted: str, text: str) -> None:
+    """Raises ConfigError unless `--config.<dotted>=<text>` parses as the option's type."""
+    kind = type(check_key(config, dotted))
+    if kind not in _VALUE_PARSERS:
+        return
+    parser, expected = _VALUE_PARSERS[kind]
+    try:
+        parser.parse(text)
+    except ValueError:
+        raise ConfigError(f"--config.{dotted}: {text!r} is not {expected}") from None
+
+
+SOURCE_SPEC = "NAME=FORMAT:PATH[:FRACTION]"
+
+
+def add_source(config: ml_collections.ConfigDict, spec: str) -> str:
+    """Adds the corpus `spec` ("NAME=FORMAT:PATH[:FRACTION]", fraction 1 when left out) to
+    `data.sources` as NAME, which --config.data.sources.NAME.* can then change; returns NAME.
+
+    A last ":..." that is not a number belongs to the path (a path with a colon in it).
+    """
+    where = f"--source {spec}"
+    name, _, rest = spec.partition("=")
+    format, _, path = rest.partition(":")
+    if not name or not format or not path:
+        raise ConfigError(f"{where}: expected {SOURCE_SPEC}, e.g. mine=jsonl:/data/mine.jsonl:0.5")
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise ConfigError(f"{where}: NAME {name!r} must be letters, digits and _")
+    if name in config.data.sources:
+        raise ConfigError(
+            f"{where}: the config already has a source {name!r}; change it with "
+            f"--config.data.sources.{name}.path=... or pick another NAME"
+        )
+    if format not in FORMATS:
+        raise ConfigError(f"{where}: FORMAT {format!r} is not one of {', '.join(FORMATS)}")
+    fraction = 1.0
+    head, _, tail = path.rpartition(":")
+    if head:
+        try:
+            fraction, path = float(tail), head
+        except ValueError:
+            pass
+    if not 0 < fraction <= 1:
+        raise ConfigError(f"{where}: FRACTION {tail!r} is not in (0, 1]")
+    with config.unlocked():
+        config.data.sources[name] = source(format, path, fraction)
+    return name
+
+
+def check_data_paths(config: ml_collections.ConfigDict) -> None:
+    """The file-system half of `validate`: raises ConfigError naming the option of the first
+    source whose path cannot be found."""
+    for name, src in config.data.sources.items():
+        try:
+            check_path(src.format, src.path)
+        except DataError as err:
+            raise ConfigError(f"--config.data.sources.{name}.path: {err}") from None
 
 
 def source(format: str, path: str, fraction: float, split: str = "") -> ml_collections.ConfigDict:
@@ -174,6 +265,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(c.batch_size > 0, "batch_size", "must be > 0")
     _check(c.grad_accum_steps > 0, "grad_accum_steps", "must be > 0")
     _check(c.learning_rate > 0, "learning_rate", "must be > 0")
+    _check(
+        c.modules_learning_rate >= 0, "modules_learning_rate", "must be >= 0 (0 = learning_rate)"
+    )
     _one_of(c.lr_schedule, SCHEDULES, "lr_schedule")
     _check(c.warmup_steps >= 0, "warmup_steps", "must be >= 0")
     _check(c.clip_grad_norm >= 0, "clip_grad_norm", "must be >= 0 (0 = no clipping)")
@@ -190,6 +284,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     for option in ("param_dtype", "compute_dtype", "trainable_dtype"):
         _one_of(m[option], ("float32", "bfloat16", "float16"), f"model.{option}")
     _one_of(m.remat, REMAT_POLICIES, "model.remat")
+    _one_of(m.low_precision_update, LOW_PRECISION_UPDATES, "model.low_precision_update")
     _check(m.lora.rank > 0, "model.lora.rank", "must be > 0")
     _check(0 <= m.lora.dropout < 1, "model.lora.dropout", "must be in [0, 1)")
     _check(len(m.lora.targets) > 0, "model.lora.targets", "name at least one projection")
@@ -217,6 +312,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _check(0 < src.fraction <= 1, f"data.sources.{name}.fraction", "must be in (0, 1]")
     _one_of(d.unit, ("dialogues", "pairs"), "data.unit")
     _one_of(d.target_lang, TARGET_LANGS, "data.target_lang")
+    _one_of(d.train_prompt, TRAIN_PROMPTS, "data.train_prompt")
     _check(d.max_length >= 16, "data.max_length", "must be >= 16")
     _check(d.max_context > 0, "data.max_context", "must be > 0")
     _one_of(d.on_error, ("raise", "skip"), "data.on_error")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -133,6 +135,20 @@ def test_skipped_rows_are_reported_per_source(tmp_path: Path) -> None:
     assert summary_table(mix).splitlines()[-1].split()[-1] == "1"
     with pytest.raises(DataError, match="c.jsonl:5"):
         build_mix([MixSource("jsonl", str(path), 1.0)], seed=0)
+
+
+def test_skipped_rows_are_reported_once(tmp_path: Path) -> None:
+    """One line on stderr per source with skipped rows, as a user running training sees it
+    (in a fresh interpreter: pytest would capture both the warning and a log record)."""
+    path = corpus(tmp_path / "c.jsonl", 4, "default", "c")
+    path.write_text(path.read_text() + "{broken\n")
+    code = (
+        "from lisendiff_jax.data import MixSource, build_mix; "
+        f"build_mix([MixSource('jsonl', {str(path)!r}, 1.0, on_error='skip')], seed=0)"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.count("skipped 1 malformed row(s)") == 1, run.stderr
 
 
 def test_summary_table(two_sources: list[MixSource]) -> None:

@@ -83,6 +83,19 @@ def test_each_language_has_its_own_system_prompt(tokenizer):
         system_prompt("xx")
 
 
+def test_no_system_prompt_leaves_out_the_system_turn(tokenizer):
+    assert [m["role"] for m in chat_messages(["hi", "yo"], None, "ok")] == [
+        "assistant",
+        "user",
+        "assistant",
+    ]
+    encoded = encode_chat(tokenizer, ["hi"], None, 256, "hello")
+    text = tokenizer.decode(encoded.input_ids)
+    assert text.startswith("<|begin_of_text|><|start_header_id|>user<|end_header_id|>")
+    assert "system" not in text
+    assert tokenizer.decode(encoded.input_ids[encoded.loss_mask == 1]) == "hello<|eot_id|>"
+
+
 def test_encode_examples_picks_prompt_by_language_or_uses_given_text(tokenizer):
     examples = [
         Example(context=["今日は疲れた。"], response="お疲れさま。", style="empathy", lang="ja"),
@@ -94,6 +107,8 @@ def test_encode_examples_picks_prompt_by_language_or_uses_given_text(tokenizer):
         assert SYSTEM_PROMPTS[example.lang] in text and example.response in text
     custom = encode_examples(tokenizer, examples, "My own prompt.", 1024, progress=False)
     assert all("My own prompt." in tokenizer.decode(e.input_ids) for e in custom)
+    bare = encode_examples(tokenizer, examples, None, 1024, progress=False)
+    assert not any("system" in tokenizer.decode(e.input_ids) for e in bare)
     with pytest.raises(ValueError, match="language 'ja'"):
         encode_examples(tokenizer, examples, {"en": SYSTEM}, 1024, progress=False)
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -15,12 +17,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl import flags
 from flax import nnx
 from tiny_checkpoints import make_checkpoint
 from tiny_workdir import write_dialogues
 
 from lisendiff_jax.backbone import load_backbone
-from lisendiff_jax.config import load_config
+from lisendiff_jax.config import ConfigError, check_data_paths, load_config, validate
+from lisendiff_jax.data import formatting
+from lisendiff_jax.data.formatting import SYSTEM_PROMPTS
 from lisendiff_jax.method.model import (
     LisenDiff,
     ModelSettingsError,
@@ -28,7 +33,8 @@ from lisendiff_jax.method.model import (
     training_loss,
 )
 from lisendiff_jax.method.objectives import token_nll
-from lisendiff_jax.train.loop import Trainer, TrainingError
+from lisendiff_jax.train import loop
+from lisendiff_jax.train.loop import MetricsLog, Trainer, TrainingError, _check_workdir_config
 from lisendiff_jax.train.step import make_optimizer, make_train_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +58,7 @@ def checkpoint(tmp_path_factory):
     return folder
 
 
-def random_batch(rng, batch=2, seq=12, vocab=128):
+def random_batch(rng, batch=2, seq=12, vocab=128, n_latents=1):
     ids = rng.randint(3, vocab, (batch, seq)).astype(np.int32)
     loss_mask = np.zeros((batch, seq), np.int32)
     loss_mask[:, seq // 2 :] = 1
@@ -62,7 +68,7 @@ def random_batch(rng, batch=2, seq=12, vocab=128):
         "loss_mask": loss_mask,
         "row_mask": np.ones((batch,), np.int32),
         "style_id": np.arange(batch, dtype=np.int32) % 2,
-        "response_latent": rng.randn(batch, 1, D_ENC).astype(np.float32),
+        "response_latent": rng.randn(batch, n_latents, D_ENC).astype(np.float32),
         "context_embeddings": rng.randn(batch, 3, D_ENC).astype(np.float32),
         "context_mask": np.array([[True, True, False]] * batch),
     }
@@ -83,7 +89,7 @@ def test_step0_logits_equal_the_backbone(checkpoint):
     np.testing.assert_array_equal(np.asarray(ours), np.asarray(reference))
 
 
-def _one_step(checkpoint, lisendiff, remat="none"):
+def _train_steps(checkpoint, lisendiff, remat="none", steps=1, n_latents=1):
     c, model = build(checkpoint, lisendiff)
     model.backbone.remat = remat
     graphdef, trainable, frozen = split_for_training(model)
@@ -92,21 +98,27 @@ def _one_step(checkpoint, lisendiff, remat="none"):
     tx = make_optimizer(c, 10)
     opt_state = tx.init(trainable)
     step = make_train_step(tx, functools.partial(training_loss, graphdef))
-    batch = {k: jnp.asarray(v) for k, v in random_batch(np.random.RandomState(1)).items()}
-    trainable, opt_state, metrics = step(trainable, frozen, opt_state, batch, jax.random.key(0))
+    batch = random_batch(np.random.RandomState(1), n_latents=n_latents)
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    for i in range(steps):
+        trainable, opt_state, metrics = step(trainable, frozen, opt_state, batch, jax.random.key(i))
     return before_trainable, trainable, before_rest, frozen[2], opt_state, metrics
 
 
 @pytest.mark.parametrize("lisendiff", [True, False])
-def test_one_step_changes_only_trainable_parameters(checkpoint, lisendiff):
-    b_train, train, b_frozen, frozen, opt_state, metrics = _one_step(checkpoint, lisendiff)
+def test_two_steps_change_every_trainable_parameter_and_nothing_else(checkpoint, lisendiff):
+    # Two latents: with one (all the data pipeline gives today) the cross-attention's softmax
+    # is 1 whatever the scores, so its norm, q_proj and k_proj get exactly zero gradient.
+    b_train, train, b_frozen, frozen, opt_state, metrics = _train_steps(
+        checkpoint, lisendiff, steps=2, n_latents=2
+    )
     assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
     if not lisendiff:
         assert float(metrics["diff_loss"]) == 0.0
     for path, before in nnx.to_flat_state(b_frozen):
         np.testing.assert_array_equal(before[...], dict(nnx.to_flat_state(frozen))[path][...])
     paths = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(train)}
-    # LoRA B starts at zero and must move; so must the trained head.
+    # The adapters and the LM head train; the backbone's own weights do not.
     assert any(p.endswith("q_proj.lora_b") for p in paths)
     assert "backbone.lm_head.kernel" in paths
     assert any("cross_attn" in p for p in paths) == lisendiff
@@ -114,20 +126,17 @@ def test_one_step_changes_only_trainable_parameters(checkpoint, lisendiff):
     frozen_parts = ("embed_tokens", "base.kernel", ".mlp.", "layernorm", "backbone.norm")
     backbone_paths = [p for p in paths if p.startswith("backbone.") and "cross_attn" not in p]
     assert not any(part in p for p in backbone_paths for part in frozen_parts)
-    after = {".".join(map(str, p)): v[...] for p, v in nnx.to_flat_state(train)}
-    still = {
-        p
+    # Two steps, because LoRA B and the cross-attention output projections start at zero:
+    # what feeds them (LoRA A, the cross-attention norms and q/k/v) gets a zero gradient on
+    # the first step, and a nonzero one once they have moved. After the second, every
+    # trainable tensor must have moved.
+    after = {p: v[...] for p, v in nnx.to_flat_state(train)}
+    still = [
+        ".".join(map(str, p))
         for p, v in nnx.to_flat_state(b_train)
-        if np.array_equal(v[...], after[".".join(map(str, p))])
-    }
-    still = {".".join(map(str, p)) for p in still}
-    # Zero-initialised B and cross-attention outputs leave what feeds them without a gradient
-    # on the first step; everything else moves.
-    first_step_blind = ("lora_a", "cross_attn.norm", "cross_attn.latent_norm", "q_proj.kernel")
-    first_step_blind += ("k_proj.kernel", "v_proj.kernel")
-    assert all(any(b in p for b in first_step_blind) for p in still), still
-    assert any(p.endswith("lora_b") for p in paths - still)
-    assert "backbone.lm_head.kernel" not in still
+        if np.array_equal(v[...], after[p])
+    ]
+    assert not still, still
     # Adam keeps exactly two moments per trainable value, and nothing for frozen weights.
     n_trainable = sum(x.size for x in jax.tree.leaves(train))
     n_moments = sum(x.size for x in jax.tree.leaves(opt_state) if x.ndim > 0)
@@ -168,8 +177,8 @@ def test_gradient_accumulation_equals_one_big_batch(checkpoint):
 
 @pytest.mark.parametrize("remat", ["full", "dots"])
 def test_rematerialisation_changes_memory_not_results(checkpoint, remat):
-    _, plain, _, _, _, plain_metrics = _one_step(checkpoint, True)
-    _, remat_train, _, _, _, remat_metrics = _one_step(checkpoint, True, remat)
+    _, plain, _, _, _, plain_metrics = _train_steps(checkpoint, True)
+    _, remat_train, _, _, _, remat_metrics = _train_steps(checkpoint, True, remat)
     np.testing.assert_allclose(float(remat_metrics["loss"]), float(plain_metrics["loss"]), 1e-6)
     # Adam's first step moves each value by about the learning rate whatever the gradient's
     # size, so float noise in a tiny gradient shows up at that scale: agree to 1% of it.
@@ -238,6 +247,42 @@ def loop_config(tmp_path: Path, num_steps: int, checkpoint_every: int):
     return c
 
 
+def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value), ...]} from the TensorBoard event files in `folder`, read as
+    TensorBoard reads them: TFRecords (length, its masked CRC, an Event proto, its CRC)."""
+    from tensorboardX.proto.event_pb2 import Event
+    from tensorboardX.record_writer import masked_crc32c
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for file in sorted(folder.glob("events.out.tfevents.*")):
+        data, offset = file.read_bytes(), 0
+        while offset < len(data):
+            header = data[offset : offset + 8]
+            (length,) = struct.unpack("<Q", header)
+            body = data[offset + 12 : offset + 12 + length]
+            crcs = struct.unpack_from("<I", data, offset + 8) + struct.unpack_from(
+                "<I", data, offset + 12 + length
+            )
+            assert crcs == (masked_crc32c(header), masked_crc32c(body)), file
+            event = Event.FromString(body)
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+            offset += 16 + length
+    return scalars
+
+
+def test_metrics_log_writes_tensorboard_events_without_torch(tmp_path):
+    log = MetricsLog(tmp_path)
+    log.write({"loss": 2.5, "lm_loss": 2.0, "step": 1})
+    log.write({"loss": 1.5, "lm_loss": 1.25, "step": 2})
+    log.close()
+    assert tensorboard_scalars(tmp_path / "tensorboard") == {
+        "loss": [(1, 2.5), (2, 1.5)],
+        "lm_loss": [(1, 2.0), (2, 1.25)],
+    }
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+
+
 def flat_params(trainer: Trainer) -> dict:
     return {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(trainer.trainable)}
 
@@ -247,6 +292,9 @@ def test_loss_falls_when_overfitting(tmp_path):
     trainer = Trainer(c, tmp_path / "run", progress=False)
     trainer.run()
     records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    scalars = tensorboard_scalars(tmp_path / "run" / "tensorboard")
+    assert scalars["loss"] == [(r["step"], pytest.approx(r["loss"])) for r in records]
+    assert set(scalars) == set(records[0]) - {"step"}
     first, last = records[0], np.mean([r["loss"] for r in records[-5:]])
     assert last < 0.6 * first["loss"], (first, last)
     assert np.mean([r["lm_loss"] for r in records[-5:]]) < first["lm_loss"]
@@ -255,15 +303,24 @@ def test_loss_falls_when_overfitting(tmp_path):
 
 
 def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path):
-    straight = Trainer(loop_config(tmp_path, 7, 1000), tmp_path / "straight", progress=False)
+    def config(checkpoint_every):
+        c = loop_config(tmp_path, 7, checkpoint_every)
+        # bf16 weights: the trained head takes stochastically rounded updates (the default),
+        # whose random bits must come back with the checkpoint as dropout's do.
+        c.model.param_dtype = "bfloat16"
+        assert c.model.low_precision_update == "stochastic"
+        return c
+
+    straight = Trainer(config(1000), tmp_path / "straight", progress=False)
     straight.run()
-    killed = Trainer(loop_config(tmp_path, 7, 3), tmp_path / "killed", progress=False)
+    killed = Trainer(config(3), tmp_path / "killed", progress=False)
     killed.run(until=5)  # checkpoints at 3; steps 4-5 are lost as in a kill
     killed.checkpointer.wait()
-    resumed = Trainer(loop_config(tmp_path, 7, 3), tmp_path / "killed", progress=False)
+    resumed = Trainer(config(3), tmp_path / "killed", progress=False)
     assert resumed.step == 3
     resumed.run()
     a, b = flat_params(straight), flat_params(resumed)
+    assert a[("backbone", "lm_head", "kernel")].dtype == jnp.bfloat16
     assert a.keys() == b.keys()
     for path in a:
         np.testing.assert_array_equal(a[path], b[path], err_msg=str(path))
@@ -272,6 +329,32 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     for t in (straight, killed, resumed):
         t.close()
+
+
+def test_a_float32_master_is_sharded_saved_and_restored_with_the_optimizer(tmp_path):
+    def config():
+        c = loop_config(tmp_path, 3, 2)
+        c.model.param_dtype, c.model.low_precision_update = "bfloat16", "float32_master"
+        return c
+
+    def master(trainer):
+        return trainer.opt_state.master["backbone"]["lm_head"]["kernel"][...]
+
+    first = Trainer(config(), tmp_path / "run", progress=False)
+    head = first.trainable["backbone"]["lm_head"]["kernel"][...]
+    assert head.dtype == jnp.bfloat16 and master(first).dtype == jnp.float32
+    assert master(first).sharding.is_equivalent_to(head.sharding, 2)
+    first.run(2)  # saves step 2
+    first.checkpointer.wait()
+    saved = np.asarray(master(first))
+    first.close()
+    resumed = Trainer(config(), tmp_path / "run", progress=False)
+    assert resumed.step == 2
+    np.testing.assert_array_equal(np.asarray(master(resumed)), saved)
+    resumed.run()
+    head = resumed.trainable["backbone"]["lm_head"]["kernel"][...]
+    np.testing.assert_array_equal(np.asarray(head), np.asarray(master(resumed).astype(head.dtype)))
+    resumed.close()
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -349,6 +432,18 @@ def test_train_py_default_runs_end_to_end_then_ctrl_c_saves(tmp_path):
             "error: --config.model.cross_attention.last_n_layers: 9 exceeds the backbone's "
             "4 layers",
         ),
+        ("--config.num_steps=abc", "error: --config.num_steps: 'abc' is not an int"),
+        (
+            "--source=mine=tsv:/data/mine.tsv",
+            "error: --source mine=tsv:/data/mine.tsv: FORMAT 'tsv' is not one of "
+            "empathetic_dialogues, daily_dialog, esconv, j_daily_dialog, "
+            "j_empathetic_dialogues, jsonl",
+        ),
+        (
+            "--source=mine=jsonl:/no/such/mine.jsonl",
+            "error: --config.data.sources.mine.path: /no/such/mine.jsonl: no such file or "
+            "directory (format 'jsonl')",
+        ),
     ],
 )
 def test_train_py_bad_option_is_one_line(tmp_path, override, message):
@@ -360,3 +455,125 @@ def test_train_py_bad_option_is_one_line(tmp_path, override, message):
     assert run.stderr.strip().splitlines()[-1] == message
     assert "Traceback" not in run.stderr
     assert not any(p.name.isdigit() for p in (tmp_path / "w").glob("*"))
+
+
+def train_cli():
+    """train.py as a module (its command line runs only under __main__)."""
+    spec = importlib.util.spec_from_file_location("train_cli", ROOT / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks itself up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_source_adds_a_corpus_that_config_options_then_change(tmp_path):
+    cli = train_cli()
+    data = write_dialogues(tmp_path / "mine.jsonl")
+    args = ["--config.num_steps", "3", "--source", f"mine=jsonl:{data}:0.5"]
+    args += ["--config.data.sources.mine.split=valid", "--noconfig.model.lisendiff"]
+    line = cli.check_command_line(args)
+    assert line.config_file == ROOT / "configs" / "tiny.py"
+    flag_values = flags.FlagValues()
+    cli.define_flags(line, flag_values)
+    flag_values(["train.py", *line.argv])  # what absl does with the command line
+    config = flag_values.config
+    assert config.data.sources.mine.to_dict() == dict(
+        format="jsonl", path=str(data), fraction=0.5, split="valid"
+    )
+    assert "esconv" in config.data.sources  # added to the config's own corpora
+    assert (config.num_steps, config.model.lisendiff) == (3, False)
+    assert flag_values.source == [f"mine=jsonl:{data}:0.5"]
+    validate(config)
+    check_data_paths(config)
+    with pytest.raises(ConfigError, match=r"^--config\.data\.sources\.other\.split: no such"):
+        cli.check_command_line(["--config.data.sources.other.split=valid"])
+    with pytest.raises(ConfigError, match=r"^--config\.num_steps: 'x' is not an int$"):
+        cli.check_command_line(["--config.num_steps", "x"])
+    with pytest.raises(ConfigError, match=r"^--noconfig\.num_steps: only a bool option"):
+        cli.check_command_line(["--noconfig.num_steps"])
+
+
+# -- the system prompt each training example is encoded with ------------------------------
+
+
+def prompt_config(tmp_path: Path, train_prompt: str, langs=("ja", "en")):
+    """The loop config on one dialogue per language in `langs`, each a distinct sentence."""
+    c = loop_config(tmp_path, 1, 1000)
+    path = tmp_path / "langs.jsonl"
+    with open(path, "w") as f:
+        for i, lang in enumerate(langs):
+            turns = [{"speaker": "AB"[j % 2], "text": f"{lang} turn {j}"} for j in range(2)]
+            f.write(json.dumps({"id": f"d{i}", "lang": lang, "style": "empathy", "turns": turns}))
+            f.write("\n")
+    c.data.sources.mine.path = str(path)
+    c.data.train_prompt = train_prompt
+    c.data.max_length = 256  # room for the longest prompt, so no turn is cut
+    return c
+
+
+class _Stop(Exception):
+    pass
+
+
+def trainer_encodings(monkeypatch, config, workdir) -> dict[str, str]:
+    """{example language: its encoded chat as text}, as the Trainer encodes them; stopped
+    right after encoding, before the S-Encoder and the weights."""
+    seen = {}
+
+    def encode_examples(tokenizer, examples, system, max_length, progress):
+        encoded = formatting.encode_examples(tokenizer, examples, system, max_length, progress)
+        for example, chat in zip(examples, encoded, strict=True):
+            seen[example.lang] = tokenizer.decode(chat.input_ids)
+        raise _Stop
+
+    monkeypatch.setattr(loop, "encode_examples", encode_examples)
+    with pytest.raises(_Stop):
+        Trainer(config, workdir, progress=False)
+    return seen
+
+
+def test_each_training_example_gets_its_own_languages_prompt(tmp_path, monkeypatch):
+    chats = trainer_encodings(monkeypatch, prompt_config(tmp_path, "example"), tmp_path / "w")
+    assert set(chats) == {"ja", "en"}
+    for lang, text in chats.items():
+        others = [p for other, p in SYSTEM_PROMPTS.items() if other != lang]
+        assert SYSTEM_PROMPTS[lang] in text and not any(p in text for p in others), text
+        assert f"{lang} turn 1<|eot_id|>" in text
+
+
+def test_target_and_none_training_prompts(tmp_path, monkeypatch):
+    chats = trainer_encodings(monkeypatch, prompt_config(tmp_path, "target"), tmp_path / "t")
+    assert set(chats) == {"ja", "en"}
+    assert all(SYSTEM_PROMPTS["zh"] in text for text in chats.values())
+    assert not any(SYSTEM_PROMPTS[lang] in chats[lang] for lang in ("ja", "en"))
+    chats = trainer_encodings(monkeypatch, prompt_config(tmp_path, "none"), tmp_path / "n")
+    assert set(chats) == {"ja", "en"}
+    for text in chats.values():
+        assert "system" not in text and not any(p in text for p in SYSTEM_PROMPTS.values())
+        assert text.startswith("<|begin_of_text|><|start_header_id|>user<|end_header_id|>")
+
+
+def test_a_language_without_a_prompt_stops_before_encoding_or_weights(tmp_path, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("reached past the language check")
+
+    for name in ("encode_examples", "make_encoder", "load_backbone"):
+        monkeypatch.setattr(loop, name, never)
+    config = prompt_config(tmp_path, "example", langs=("en", "fr"))
+    with pytest.raises(ConfigError) as error:
+        Trainer(config, tmp_path / "w", progress=False)
+    assert str(error.value) == (
+        "--config.data.sources.mine: language 'fr' has no built-in system prompt "
+        "(have en, ja, yue, zh); set --config.data.train_prompt=target or none"
+    )
+
+
+def test_a_workdir_from_before_train_prompt_resumes_only_with_target(tmp_path):
+    config = loop_config(tmp_path, 1, 1000)
+    saved = json.loads(config.to_json())
+    del saved["data"]["train_prompt"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ConfigError, match=r"train_prompt \('target' there, 'example' now\)"):
+        _check_workdir_config(tmp_path, config)
+    config.data.train_prompt = "target"
+    _check_workdir_config(tmp_path, config)

@@ -91,11 +91,15 @@ def system_prompt(lang: str) -> str:
 
 
 def chat_messages(
-    context: Sequence[str], system: str, response: str | None = None
+    context: Sequence[str], system: str | None, response: str | None = None
 ) -> list[dict[str, str]]:
-    """System prompt, context turns with roles counted back from the reply, optional reply."""
+    """System prompt, context turns with roles counted back from the reply, optional reply.
+
+    `system=None` leaves the system message out, so the chat template's own default (if it has
+    one) applies.
+    """
     n = len(context)
-    messages = [{"role": "system", "content": system}]
+    messages = [] if system is None else [{"role": "system", "content": system}]
     messages += [
         {"role": "user" if (n - 1 - i) % 2 == 0 else "assistant", "content": text}
         for i, text in enumerate(context)
@@ -127,7 +131,7 @@ def _control_token_ids(tokenizer: PreTrainedTokenizerBase) -> np.ndarray:
 def _render(
     tokenizer: PreTrainedTokenizerBase,
     context: Sequence[str],
-    system: str,
+    system: str | None,
     response: str | None,
 ) -> tuple[np.ndarray, int]:
     """Token ids of the whole chat [seq] and the length of its prompt part."""
@@ -166,11 +170,12 @@ def _largest_true(predicate: Callable[[int], bool], lo: int, hi: int) -> int | N
 def encode_chat(
     tokenizer: PreTrainedTokenizerBase,
     context: Sequence[str],
-    system: str,
+    system: str | None,
     max_length: int,
     response: str | None = None,
 ) -> Encoded:
-    """Encode a chat for training (with `response`) or for generation (without).
+    """Encode a chat for training (with `response`) or for generation (without); `system`
+    None encodes it without a system message.
 
     Without a response the ids end with the assistant header, ready for decoding, and
     `prompt_length` equals their length. Truncation follows the module docstring.
@@ -205,18 +210,18 @@ def encode_chat(
 def encode_examples(
     tokenizer: PreTrainedTokenizerBase,
     examples: Sequence[Example],
-    system: str | Mapping[str, str],
+    system: str | Mapping[str, str] | None,
     max_length: int,
     progress: bool = True,
 ) -> list[Encoded]:
     """Encode examples for training.
 
-    `system` is one prompt for every example, or a mapping from `Example.lang` to a prompt
-    (e.g. SYSTEM_PROMPTS).
+    `system` is one prompt for every example, a mapping from `Example.lang` to a prompt
+    (e.g. SYSTEM_PROMPTS), or None for no system message.
     """
 
-    def prompt_for(example: Example) -> str:
-        if isinstance(system, str):
+    def prompt_for(example: Example) -> str | None:
+        if system is None or isinstance(system, str):
             return system
         if example.lang not in system:
             raise ValueError(f"no system prompt for language {example.lang!r}")

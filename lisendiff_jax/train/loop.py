@@ -3,6 +3,7 @@
 Workdir layout:
     config.json       the run's full config (a resume must keep the `model` and `data` parts)
     metrics.jsonl     one line per logged step
+    tensorboard/      the same as TensorBoard events (when tensorboardX is installed)
     data/train/       the example split's cached embeddings (see encoder_cache)
     <step>/           orbax checkpoints: trainable parameters, optimizer state, latent
                       statistics and RNG key; meta with the data position
@@ -22,6 +23,7 @@ import json
 import math
 import signal
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +37,12 @@ from tqdm.auto import tqdm
 
 from lisendiff_jax.backbone import BackboneConfig, load_backbone
 from lisendiff_jax.checkpoint import Checkpointer
-from lisendiff_jax.config import ConfigError, validate
-from lisendiff_jax.data import Example, build_mix, summary_table
+from lisendiff_jax.config import ConfigError, check_data_paths, validate
+from lisendiff_jax.data import Example, Mix, build_mix, summary_table
 from lisendiff_jax.data.batching import DataPosition, iterate_batches, length_buckets
 from lisendiff_jax.data.encoder import make_encoder
 from lisendiff_jax.data.encoder_cache import prepare_split
-from lisendiff_jax.data.formatting import encode_examples, system_prompt
+from lisendiff_jax.data.formatting import SYSTEM_PROMPTS, encode_examples, system_prompt
 from lisendiff_jax.errors import UserError
 from lisendiff_jax.method.diffusion import fit_latent_stats
 from lisendiff_jax.method.model import LisenDiff, check_settings, split_for_training, training_loss
@@ -59,6 +61,8 @@ def _check_workdir_config(workdir: Path, config: ml_collections.ConfigDict) -> N
     if not path.exists():
         return
     saved = json.loads(path.read_text())
+    # Workdirs written before data.train_prompt existed were trained with the target prompt.
+    saved.get("data", {}).setdefault("train_prompt", "target")
     current = json.loads(config.to_json())
     for section in ("model", "data"):
         if saved.get(section) != current[section]:
@@ -77,15 +81,35 @@ def _first_difference(a: Any, b: Any, where: str) -> str:
     return f"--config.{where} ({a!r} there, {b!r} now)"
 
 
+def training_prompts(data: ml_collections.ConfigDict, mix: Mix) -> str | Mapping[str, str] | None:
+    """The system prompt(s) `encode_examples` gets for `data.train_prompt` (config.py says
+    why). With "example", a selected example in a language without a built-in prompt is a
+    ConfigError naming its source, rather than a silent fallback to another prompt."""
+    if data.train_prompt == "none":
+        return None
+    if data.train_prompt == "target":
+        return system_prompt(data.target_lang)
+    for report in mix.sources:
+        langs = {lang for count in report.by_style.values() for lang in count.langs}
+        missing = sorted(langs - set(SYSTEM_PROMPTS))
+        if missing:
+            raise ConfigError(
+                f"--config.data.sources.{report.name}: language {missing[0]!r} has no built-in "
+                f"system prompt (have {', '.join(sorted(SYSTEM_PROMPTS))}); set "
+                "--config.data.train_prompt=target or none"
+            )
+    return SYSTEM_PROMPTS
+
+
 class MetricsLog:
-    """Logged metrics to `metrics.jsonl` in the workdir, and to TensorBoard when installed."""
+    """Logged metrics to `metrics.jsonl` in the workdir, and as TensorBoard events in
+    `tensorboard/` when tensorboardX is installed (a writer that needs no PyTorch)."""
 
     def __init__(self, workdir: Path):
         self._file = open(workdir / "metrics.jsonl", "a")  # closed in close()
         self._tensorboard = None
         try:
-            import tensorboard  # noqa: F401 (torch's writer needs it)
-            from torch.utils.tensorboard import SummaryWriter
+            from tensorboardX import SummaryWriter
         except ImportError:
             return
         self._tensorboard = SummaryWriter(str(workdir / "tensorboard"))
@@ -117,6 +141,7 @@ class Trainer:
         mesh: MeshPlan | None = None,
     ):
         validate(config)
+        check_data_paths(config)
         self.primary = jax.process_index() == 0
         self.config, self.progress = config, progress and self.primary
         self.mesh = MeshPlan.from_config(config) if mesh is None else mesh
@@ -152,7 +177,7 @@ class Trainer:
             print(summary_table(mix))
         self.examples: list[Example] = mix.examples
         self.encoded = encode_examples(
-            tokenizer, self.examples, system_prompt(d.target_lang), d.max_length, self.progress
+            tokenizer, self.examples, training_prompts(d, mix), d.max_length, self.progress
         )
         encoder = make_encoder(d.encoder)
         cache_dir = d.cache_dir or default_cache_root() / "embeddings"
@@ -207,7 +232,10 @@ class Trainer:
         if self.primary:
             (self.workdir / "config.json").write_text(config.to_json(indent=1))
         self._step_fn = make_train_step(
-            self.tx, functools.partial(training_loss, self.graphdef), self.shardings
+            self.tx,
+            functools.partial(training_loss, self.graphdef),
+            self.shardings,
+            m.low_precision_update,
         )
 
     # -- checkpoints ---------------------------------------------------------------------

@@ -7,7 +7,6 @@ examples happens once, in `_common.to_examples`, so the pairing rules cannot dri
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -26,12 +25,11 @@ from lisendiff_jax.data.readers import (
 )
 from lisendiff_jax.data.readers._common import (
     Dialogue,
+    check_hub_on,
     load_hub_rows,
     looks_like_hub_id,
     to_examples,
 )
-
-logger = logging.getLogger(__name__)
 
 LocalReader = Callable[[Path, "str | None", Problems], Iterator[Dialogue]]
 HubReader = Callable[[Iterable[Mapping[str, Any]], str, Problems], Iterator[Dialogue]]
@@ -84,6 +82,17 @@ def get_format(name: str) -> Format:
     return FORMATS[name]
 
 
+def check_path(format: str, path: str | os.PathLike[str]) -> None:
+    """Raises DataError unless `load_corpus` can find `path`: on disk, or for corpora the hub
+    carries, a hub dataset id while the hub is on."""
+    spec = get_format(format)
+    if Path(path).exists():
+        return
+    if spec.read_hub is None or not looks_like_hub_id(str(path)):
+        raise DataError(f"{path}: no such file or directory (format {format!r})")
+    check_hub_on(str(path))
+
+
 def load_corpus(
     format: str,
     path: str | os.PathLike[str],
@@ -99,21 +108,20 @@ def load_corpus(
     """
     spec = get_format(format)
     problems = Problems(on_error)
+    check_path(format, path)
     local = Path(path)
     if local.exists():
         dialogues = spec.read(local, split, problems)
-    elif spec.read_hub is not None and looks_like_hub_id(str(path)):
+    else:
         where = f"{path}[{split or 'train'}]"
         dialogues = spec.read_hub(load_hub_rows(str(path), split), where, problems)
-    else:
-        raise DataError(f"{path}: no such file or directory (format {format!r})")
     grouped = tuple(tuple(to_examples(d, format)) for d in dialogues)
     if problems.skipped:
         message = (
             f"{format} {path}: skipped {problems.skipped} malformed row(s); "
             f"first: {problems.messages[0]}"
         )
-        logger.warning(message)
+        # The warning is the one report: logging the message as well printed it twice.
         warnings.warn(message, SkippedRowsWarning, stacklevel=2)
     return Corpus(
         format=format,
@@ -138,4 +146,4 @@ def load_pairs(
     return load_corpus(format, path, split=split, on_error=on_error).examples
 
 
-__all__ = ["FORMATS", "Corpus", "Format", "get_format", "load_corpus", "load_pairs"]
+__all__ = ["FORMATS", "Corpus", "Format", "check_path", "get_format", "load_corpus", "load_pairs"]

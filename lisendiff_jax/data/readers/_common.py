@@ -186,13 +186,18 @@ def hub_offline() -> bool:
     )
 
 
-def load_hub_rows(hub_id: str, split: str | None) -> Iterable[Mapping[str, Any]]:
-    """Rows of a hub dataset; only reached for a path that is not on disk."""
+def check_hub_on(hub_id: str) -> None:
+    """Raises DataError when the hub is switched off, for a path that is not on disk."""
     if hub_offline():
         raise DataError(
             f"{hub_id}: no such file or directory, and the hub is off "
             "(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set)"
         )
+
+
+def load_hub_rows(hub_id: str, split: str | None) -> Iterable[Mapping[str, Any]]:
+    """Rows of a hub dataset; only reached for a path that is not on disk."""
+    check_hub_on(hub_id)
     import datasets  # heavy, and only needed for hub ids
 
     try:
