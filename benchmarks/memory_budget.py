@@ -2,10 +2,11 @@
 
 Builds the LisenDiff model abstractly (shapes only, nothing allocated) for Llama-3.1-8B or
 Qwen2-7B and adds up what training holds: frozen weights, trainable parameters, their
-gradients and Adam moments. With --compile it also compiles the training step for abstract
-inputs and reports XLA's own figure for temporaries (activations, workspace) on this backend.
+gradients, and the optimizer's state as the training optimizer initialises it (Adam moments,
+and with --low-precision-update float32_master the float32 copies of the bf16 LM head).
 
-    python benchmarks/memory_budget.py [--backbone llama|qwen] [--inner-dim 1024] [--compile]
+    python benchmarks/memory_budget.py [--backbone llama|qwen] [--inner-dim 1024 ...]
+        [--low-precision-update stochastic|nearest|float32_master]
 """
 
 from __future__ import annotations
@@ -20,16 +21,21 @@ from flax import nnx
 from lisendiff_jax.backbone import BackboneConfig
 from lisendiff_jax.backbone.model import Decoder
 from lisendiff_jax.backbone.presets import LLAMA_3_1_8B, QWEN2_7B
-from lisendiff_jax.config import paper_config
+from lisendiff_jax.config import LOW_PRECISION_UPDATES, paper_config
 from lisendiff_jax.method.model import LatentStat, LisenDiff
+from lisendiff_jax.train.rounding import MasterState
+from lisendiff_jax.train.step import make_optimizer
 
 BACKBONES = {"llama": LLAMA_3_1_8B, "qwen": QWEN2_7B}
 GIB = 2**30
 
 
-def abstract_model(backbone: str, inner_dim: int, lisendiff: bool = True, latent_dim: int = 768):
+def abstract_model(
+    backbone: str, inner_dim: int, lisendiff: bool = True, update: str = "", latent_dim: int = 768
+):
     config = paper_config(backbone, "ja", lisendiff)
     config.model.cross_attention.inner_dim = inner_dim
+    config.model.low_precision_update = update or config.model.low_precision_update
     bc = BackboneConfig.from_hf_dict(BACKBONES[backbone])
     m = config.model
 
@@ -49,20 +55,22 @@ def nbytes(tree) -> int:
     return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-def budget(backbone: str, inner_dim: int, lisendiff: bool = True) -> dict[str, float]:
-    config, model = abstract_model(backbone, inner_dim, lisendiff)
+def budget(
+    backbone: str, inner_dim: int, lisendiff: bool = True, update: str = ""
+) -> dict[str, float]:
+    config, model = abstract_model(backbone, inner_dim, lisendiff, update)
     _, trainable, _, _, rest = nnx.split(
         model, model.trainable_filter(), LatentStat, nnx.RngState, ...
     )
     params = nbytes(trainable)
-    mu_dtype = jnp.dtype(config.optimizer_state_dtype)
-    mu = sum(int(np.prod(x.shape)) * mu_dtype.itemsize for x in jax.tree.leaves(trainable))
+    opt_state = jax.eval_shape(make_optimizer(config, 1).init, trainable)
+    master = nbytes(opt_state.master) if isinstance(opt_state, MasterState) else 0
     return {
         "frozen weights": nbytes(rest) / GIB,
         "trainable params": params / GIB,
         "gradients": params / GIB,
-        "Adam mu": mu / GIB,
-        "Adam nu": params / GIB,
+        "Adam": (nbytes(opt_state) - master) / GIB,
+        "float32 master": master / GIB,
         "trainable count (M)": sum(x.size for x in jax.tree.leaves(trainable)) / 1e6,
     }
 
@@ -71,23 +79,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", choices=sorted(BACKBONES), default="llama")
     parser.add_argument("--inner-dim", type=int, nargs="+", default=[0, 2048, 1024, 512])
+    parser.add_argument(
+        "--low-precision-update",
+        choices=LOW_PRECISION_UPDATES,
+        default=paper_config("llama", "ja").model.low_precision_update,
+        help="how updates land on the bf16 lm_head (model.low_precision_update; default: the "
+        "paper configs')",
+    )
     args = parser.parse_args()
+    update = args.low_precision_update
     mu = paper_config(args.backbone, "ja").optimizer_state_dtype
     print(
         f"{args.backbone}: bf16 frozen weights, fp32 LoRA and LisenDiff modules, "
-        f"lm_head trained in bf16, Adam mu {mu}, nu in each parameter's dtype"
+        f"lm_head trained in bf16 ({update} updates), Adam mu {mu}, nu in each parameter's dtype"
     )
-    header = f"{'inner_dim':>9} {'frozen':>7} {'train':>6} {'grads':>6} {'adam':>6} {'total':>6}"
-    print(header + "  GiB   trainable")
-    rows = [("lora_only", budget(args.backbone, 0, lisendiff=False))]
-    rows += [(str(d or "hidden"), budget(args.backbone, d)) for d in args.inner_dim]
+    header = f"{'inner_dim':>9} {'frozen':>7} {'train':>6} {'grads':>6} {'adam':>6} {'master':>6}"
+    print(header + f" {'total':>6}  GiB   trainable")
+    rows = [("lora_only", budget(args.backbone, 0, lisendiff=False, update=update))]
+    rows += [(str(d or "hidden"), budget(args.backbone, d, update=update)) for d in args.inner_dim]
     for name, b in rows:
-        adam = b["Adam mu"] + b["Adam nu"]
-        total = b["frozen weights"] + b["trainable params"] + b["gradients"] + adam
+        parts = ("frozen weights", "trainable params", "gradients", "Adam", "float32 master")
+        total = sum(b[part] for part in parts)
         print(
             f"{name:>9} {b['frozen weights']:7.2f} {b['trainable params']:6.2f} "
-            f"{b['gradients']:6.2f} {adam:6.2f} {total:6.2f}       "
-            f"{b['trainable count (M)']:.0f}M"
+            f"{b['gradients']:6.2f} {b['Adam']:6.2f} {b['float32 master']:6.2f} {total:6.2f}"
+            f"       {b['trainable count (M)']:.0f}M"
         )
 
 

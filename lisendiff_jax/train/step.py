@@ -2,7 +2,9 @@
 
 The model's state is split three ways: the trainable parameters (differentiated, updated,
 donated), everything else (frozen, never differentiated, no optimizer state), and the graph
-definition (static). Only the first part gets gradients and Adam moments.
+definition (static). Only the first part gets gradients and Adam moments. How an update
+lands on a trained bf16 parameter (the LM head of a bf16 backbone) is `model.low_precision_update`
+(see rounding.py).
 """
 
 from __future__ import annotations
@@ -17,13 +19,24 @@ import ml_collections
 import optax
 from flax import nnx
 
+from lisendiff_jax.method.model import TRAINABLE_MODULES
+from lisendiff_jax.train.rounding import MasterState, apply_updates, float32_master, from_masters
+
+# The stochastic rounding key is `fold_in(rng, ROUNDING_STREAM)`. The loss splits the same `rng`
+# (dropout, diffusion), and with JAX's partitionable threefry `split(rng)[i]` equals
+# `fold_in(rng, i)`, so the constant must stay clear of small indices.
+ROUNDING_STREAM = 0x5EED_0B16
+
 
 def make_optimizer(
     config: ml_collections.ConfigDict, total_steps: int
 ) -> optax.GradientTransformation:
-    """AdamW with the configured schedule, clipping and gradient accumulation.
+    """AdamW with the configured schedule, clipping and gradient accumulation, on float32
+    master copies of the low-precision parameters when `model.low_precision_update` is
+    "float32_master".
 
     `total_steps` counts optimizer updates (after accumulation); decay schedules end there.
+    `modules_learning_rate`, when set, is the LisenDiff modules' peak rate on the same schedule.
     """
     peak, warmup = config.learning_rate, config.warmup_steps
     decay_steps = max(total_steps - warmup, 1)
@@ -48,10 +61,31 @@ def make_optimizer(
             mu_dtype=jnp.dtype(config.optimizer_state_dtype),
         )
     )
+    modules_rate = config.modules_learning_rate or peak
+    if modules_rate != peak:
+        chain.append(scale_modules(modules_rate / peak))
     tx = optax.chain(*chain)
     if config.grad_accum_steps > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=config.grad_accum_steps)
+    if config.model.low_precision_update == "float32_master":
+        tx = float32_master(tx)
     return tx
+
+
+def scale_modules(factor: float) -> optax.GradientTransformation:
+    """Multiplies the updates of the LisenDiff modules' parameters (`TRAINABLE_MODULES`) by
+    `factor` and passes LoRA's and the LM head's through: after Adam, a per-group learning
+    rate on one schedule, with no second optimizer state."""
+    modules = set(TRAINABLE_MODULES)
+
+    def scale(path: tuple, update: jax.Array) -> jax.Array:
+        names = {getattr(key, "key", getattr(key, "name", None)) for key in path}
+        return update * factor if names & modules else update
+
+    def update_fn(updates, state, params=None):
+        return jax.tree_util.tree_map_with_path(scale, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
 LossFn = Callable[
@@ -64,6 +98,7 @@ def make_train_step(
     tx: optax.GradientTransformation,
     loss_fn: LossFn,
     shardings: tuple[Any, Any, Any, Any, jax.sharding.Sharding] | None = None,
+    low_precision_update: str = "stochastic",
 ) -> Callable[..., tuple[nnx.State, Any, dict[str, jax.Array]]]:
     """A jitted `step(trainable, frozen, opt_state, batch, rng) -> (trainable, opt_state,
     metrics)`. `loss_fn(trainable, frozen, batch, rng) -> (loss, metrics)` is differentiated
@@ -72,7 +107,13 @@ def make_train_step(
 
     On a mesh, `shardings` gives the shardings of (trainable, frozen, opt_state, batch, rng)
     (trees, or prefixes of them, as `jax.jit` takes): the updated parameters and optimizer
-    state keep theirs, and the metrics are replicated."""
+    state keep theirs, and the metrics are replicated.
+
+    `low_precision_update` (the config's `model.low_precision_update`) says how updates land on
+    bf16/fp16 parameters: "stochastic" rounding with a key folded from `rng`, rounding to
+    "nearest", or "float32_master", where `tx` must be make_optimizer's float32-master
+    optimizer and the parameters are its float32 copies rounded. float32 parameters are
+    updated as `optax.apply_updates` does in every case."""
     jit_kw = {}
     if shardings is not None:
         trainable_sh, _, opt_sh, _, replicated = shardings
@@ -84,7 +125,18 @@ def make_train_step(
             trainable, frozen, batch, rng
         )
         updates, opt_state = tx.update(grads, opt_state, trainable)
-        trainable = optax.apply_updates(trainable, updates)
+        if (low_precision_update == "float32_master") != isinstance(opt_state, MasterState):
+            raise ValueError(
+                f"low_precision_update={low_precision_update!r} and the optimizer disagree: "
+                "build both from the same config (make_optimizer)"
+            )
+        if isinstance(opt_state, MasterState):
+            trainable = from_masters(optax.apply_updates(trainable, updates), opt_state.master)
+        else:
+            key = jax.random.fold_in(rng, ROUNDING_STREAM)
+            trainable = apply_updates(
+                trainable, updates, key, stochastic=low_precision_update == "stochastic"
+            )
         metrics = dict(metrics, loss=total, grad_norm=optax.global_norm(grads))
         return trainable, opt_state, metrics
 

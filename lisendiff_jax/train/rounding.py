@@ -1,0 +1,114 @@
+"""How an optimizer update lands on a trained low-precision (bf16 or fp16) parameter.
+
+With `model.param_dtype = "bfloat16"` the trained LM head is bf16. Near 0.02 the spacing of bf16
+numbers is 1.2e-4, so an Adam step of lr 1e-4 added to it and rounded to the nearest bf16 is
+most often no step at all. `model.low_precision_update` chooses what happens instead:
+
+    stochastic      the float32 sum p + u is rounded up or down with probability proportional
+                    to its distance from each neighbour, so that on average the parameter
+                    follows the float32 sum. No extra memory; the random bits come from the
+                    step's key, so a resumed run rounds exactly as an uninterrupted one.
+    nearest         plain rounding to nearest: small updates vanish (kept for comparison).
+    float32_master  the optimizer updates a float32 copy of each low-precision parameter, kept
+                    in its state (`MasterState`), and the parameter is that copy rounded to
+                    nearest: 4 more bytes per low-precision parameter.
+
+float32 parameters are updated exactly as `optax.apply_updates` does, in every mode.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+LOW_PRECISION = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def is_low_precision(x: jax.Array) -> bool:
+    return jnp.dtype(x.dtype) in LOW_PRECISION
+
+
+def stochastic_round(x: jax.Array, dtype: jnp.dtype, key: jax.Array) -> jax.Array:
+    """float32 `x` rounded to `dtype` (bf16 or fp16), up or down at random so that the
+    expected result is `x`.
+
+    Uniform random bits are added below the kept mantissa of x's float32 bit pattern and the
+    rest is cut off: x rounds away from zero exactly when the bits carry into the kept part,
+    which happens with probability (|x| - |down|) / spacing. Values already representable in
+    `dtype` stay as they are. For fp16 this is exact within its normal range; below it (|x| <
+    6.1e-5, fp16's subnormals) the final cast rounds to nearest.
+
+    Everything here is elementwise, so shardings carry through, and on GPU XLA fuses the
+    random bits (threefry, unrolled there) into the update: no array of the weight's size is
+    added. (On CPU, JAX's threefry is a loop whose intermediate arrays are materialised.)
+    """
+    dropped = jnp.finfo(jnp.float32).nmant - jnp.finfo(dtype).nmant  # 16 for bf16, 13 for fp16
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    noise = jax.random.bits(key, x.shape, jnp.uint32) >> (32 - dropped)  # [0, 2**dropped)
+    kept = (bits + noise) & ~jnp.uint32((1 << dropped) - 1)
+    return jax.lax.bitcast_convert_type(kept, jnp.float32).astype(dtype)
+
+
+def apply_updates(params: Any, updates: Any, key: jax.Array, stochastic: bool = True) -> Any:
+    """`optax.apply_updates`, except that with `stochastic` each low-precision leaf gets its
+    float32 sum stochastically rounded (a key per leaf, folded from `key`)."""
+    leaves, treedef = jax.tree.flatten(params)
+    new = [
+        stochastic_round(
+            p.astype(jnp.float32) + u.astype(jnp.float32), p.dtype, jax.random.fold_in(key, i)
+        )
+        if stochastic and is_low_precision(p)
+        else optax.apply_updates(p, u)
+        for i, (p, u) in enumerate(zip(leaves, treedef.flatten_up_to(updates), strict=True))
+    ]
+    return treedef.unflatten(new)
+
+
+class MasterState(NamedTuple):
+    """The state of `float32_master(tx)`: tx's own state, and the parameters' tree holding a
+    float32 copy of each low-precision leaf (None for the others)."""
+
+    inner: optax.OptState
+    master: Any
+
+
+def float32_master(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`tx` applied to float32 copies of the low-precision parameters.
+
+    `tx` is given the float32 copies as the parameters (for weight decay) and keeps its own
+    state as it would for the parameters themselves (Adam's moments in their dtypes); the
+    copies, updated in float32, are in `MasterState.master`, and `from_masters` makes the
+    parameters from them after each update."""
+
+    def init(params: Any) -> MasterState:
+        master = jax.tree.map(
+            lambda p: p.astype(jnp.float32) if is_low_precision(p) else None, params
+        )
+        return MasterState(tx.init(params), master)
+
+    def update(grads: Any, state: MasterState, params: Any = None) -> tuple[Any, MasterState]:
+        full = _replace(state.master, params, lambda m, p: m)
+        updates, inner = tx.update(grads, state.inner, full)
+        new = optax.apply_updates(full, updates)
+        master = jax.tree.map(
+            lambda m, n: None if m is None else n, state.master, new, is_leaf=_is_none
+        )
+        return updates, MasterState(inner, master)
+
+    return optax.GradientTransformation(init, update)
+
+
+def from_masters(params: Any, master: Any) -> Any:
+    """`params` with each low-precision leaf replaced by its float32 master rounded to nearest."""
+    return _replace(master, params, lambda m, p: m.astype(p.dtype))
+
+
+def _replace(master: Any, params: Any, fn: Any) -> Any:
+    return jax.tree.map(lambda m, p: p if m is None else fn(m, p), master, params, is_leaf=_is_none)
+
+
+def _is_none(x: Any) -> bool:
+    return x is None
