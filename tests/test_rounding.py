@@ -19,6 +19,7 @@ from lisendiff_jax.backbone.model import Decoder
 from lisendiff_jax.backbone.presets import LLAMA_3_1_8B
 from lisendiff_jax.config import base_config
 from lisendiff_jax.method.model import LisenDiff, split_for_training, training_loss
+from lisendiff_jax.train import rounding
 from lisendiff_jax.train.rounding import MasterState, apply_updates, stochastic_round
 from lisendiff_jax.train.step import make_optimizer, make_train_step
 
@@ -117,6 +118,80 @@ def test_stochastic_rounding_on_a_mesh_keeps_the_sharding_and_the_numbers():
     assert not np.array_equal(np.asarray(single), np.asarray(p))
 
 
+# -- Adam's moments -------------------------------------------------------------------------
+
+
+def nbytes(tree) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize("mu_dtype", [jnp.float32, jnp.bfloat16])
+def test_adamw_on_float32_params_is_optax_adamw(mu_dtype):
+    """float32 moments: bit for bit. A bfloat16 mu: in expectation (optax rounds it to nearest,
+    this adamw stochastically), so its mean over copies of one weight equals the float32 mu."""
+    rng = np.random.RandomState(6)
+    params = {"w": jnp.asarray(rng.randn(4096), jnp.float32), "b": jnp.zeros(4096, jnp.float32)}
+    ours = rounding.adamw(1e-3, weight_decay=0.01, mu_dtype=mu_dtype)
+    ref = optax.adamw(1e-3, weight_decay=0.01, mu_dtype=mu_dtype)
+    exact = optax.adamw(1e-3, weight_decay=0.01, mu_dtype=jnp.float32)
+    states, ps = [tx.init(params) for tx in (ours, ref, exact)], [params] * 3
+    assert nbytes(states[0]) == nbytes(states[1]) + 8  # the key: no other memory
+    for _ in range(6):
+        # One gradient per step for all copies of "b": their moments have one float32 value.
+        g = {"w": jnp.asarray(rng.randn(4096), jnp.float32), "b": jnp.full(4096, rng.randn())}
+        for i, tx in enumerate((ours, ref, exact)):
+            u, states[i] = jax.jit(tx.update)(g, states[i], ps[i])
+            ps[i] = optax.apply_updates(ps[i], u)
+    (ours_p, ref_p, _), (ours_s, ref_s, exact_s) = ps, (s[0] for s in states)
+    if mu_dtype == jnp.float32:
+        for got, want in [(ours_p, ref_p), (ours_s.mu, ref_s.mu), (ours_s.nu, ref_s.nu)]:
+            for k in params:
+                np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=k)
+        return
+    assert ours_s.mu["b"].dtype == jnp.bfloat16
+    mu = np.asarray(ours_s.mu["b"].astype(jnp.float32))
+    assert len(np.unique(mu)) > 1  # rounded up or down, copy by copy
+    # The mean's noise is about 1e-4 of mu; optax's own bf16 mu is off by up to 0.4%.
+    np.testing.assert_allclose(mu.mean(), float(exact_s.mu["b"][0]), rtol=1e-3)
+    np.testing.assert_array_equal(np.asarray(ours_s.nu["w"]), np.asarray(exact_s.nu["w"]))
+    for k in params:  # the updates use the float32 mu before it is rounded for storage
+        np.testing.assert_allclose(np.asarray(ours_p[k]), np.asarray(ref_p[k]), atol=1e-4)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def toy_adam(tx: optax.GradientTransformation, dtype, first: int, steps: int):
+    """Adam on 1024 weights of `dtype` with gradient 1e-3 for `first` steps, then 1e-4: nu
+    after `first // 2` and after `steps` steps, and the last update (before the learning rate)."""
+    p = jnp.zeros(1024, dtype)
+
+    def body(i, carry):
+        state, half, _ = carry
+        g = jnp.where(i < first, 1e-3, 1e-4).astype(dtype) * jnp.ones_like(p)
+        u, state = tx.update(g, state, p)
+        half = jnp.where(i == first // 2 - 1, state.nu, half)
+        return state, half, u.astype(jnp.float32)
+
+    zeros = jnp.zeros(1024, jnp.float32)
+    state, half, u = jax.lax.fori_loop(0, steps, body, (tx.init(p), p, zeros))
+    return half.astype(jnp.float32), state.nu.astype(jnp.float32), u
+
+
+def test_a_bf16_nu_tracks_float32_where_rounding_to_nearest_stalls():
+    first, steps = 1000, 3000
+    _, ref_nu, ref_u = toy_adam(optax.scale_by_adam(), jnp.float32, first, steps)
+    half, nearest_nu, nearest_u = toy_adam(optax.scale_by_adam(), jnp.bfloat16, first, steps)
+    _, nu, u = toy_adam(rounding.scale_by_adam(), jnp.bfloat16, first, steps)
+    ref_nu, ref_u = float(ref_nu[0]), float(ref_u[0])  # 9.4e-8 and 0.32 at step 3000
+    # Rounded to nearest, nu stops at 4.77e-7 from step 500 on: 5x too large, the update half.
+    np.testing.assert_array_equal(np.asarray(nearest_nu), np.asarray(half))
+    assert float(nearest_nu[0]) > 4 * ref_nu and float(nearest_u[0]) < 0.5 * ref_u
+    # Stochastically rounded, nu follows float32: on average within 1%, each weight within
+    # its own rounding noise (about 9% rms, 5% in the update).
+    rel = np.asarray(nu) / ref_nu - 1
+    assert abs(rel.mean()) < 0.01 and np.sqrt((rel**2).mean()) < 0.15
+    np.testing.assert_allclose(np.asarray(u).mean(), ref_u, rtol=0.02)
+
+
 # -- the train step ------------------------------------------------------------------------
 
 
@@ -208,6 +283,20 @@ def test_a_float32_master_accumulates_steps_that_each_round_away(bf16_split):
     np.testing.assert_array_equal(head, master.astype(jnp.bfloat16))
     # Seven steps of about lr = 1e-5 pass half a spacing (6.1e-5) for most weights.
     assert (head != p0).mean() > 0.5
+
+
+def test_only_the_stochastic_mode_rounds_adam_moments_stochastically(bf16_split):
+    _, trainable, _ = bf16_split
+    for mode, kind in [
+        ("stochastic", rounding.ScaleByAdamState),
+        ("nearest", optax.ScaleByAdamState),
+        ("float32_master", optax.ScaleByAdamState),
+    ]:
+        state = jax.eval_shape(make_optimizer(tiny_config(mode), 10).init, trainable)
+        leaves = jax.tree.leaves(state, is_leaf=lambda x: hasattr(x, "nu"))
+        adam = [s for s in leaves if hasattr(s, "nu")]
+        assert len(adam) == 1 and type(adam[0]) is kind, mode
+        assert adam[0].nu["backbone"]["lm_head"]["kernel"].dtype == jnp.bfloat16
 
 
 def test_an_optimizer_built_for_another_mode_is_refused(bf16_split):

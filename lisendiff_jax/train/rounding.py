@@ -14,6 +14,11 @@ most often no step at all. `model.low_precision_update` chooses what happens ins
                     nearest: 4 more bytes per low-precision parameter.
 
 float32 parameters are updated exactly as `optax.apply_updates` does, in every mode.
+
+Adam's moments have the same problem: optax keeps `nu` in the parameter's dtype, and with
+b2 = 0.999 each step changes a bf16 `nu` by 0.1%, below half its spacing (0.2-0.4%), so rounded
+to nearest it freezes. In the stochastic mode `scale_by_adam` computes moments in float32 and
+writes the low-precision ones back stochastically rounded (float32 ones exactly as optax does).
 """
 
 from __future__ import annotations
@@ -112,3 +117,104 @@ def _replace(master: Any, params: Any, fn: Any) -> Any:
 
 def _is_none(x: Any) -> bool:
     return x is None
+
+
+# The moments' rounding key is `fold_in(key(seed), MOMENTS_STREAM)`; the trainer's step keys are
+# `fold_in(key(seed), step)`, so the constant must stay clear of any step count.
+MOMENTS_STREAM = 0xADA_3011
+
+
+class ScaleByAdamState(NamedTuple):
+    """optax's ScaleByAdamState, and the key (uint32 key data, as checkpoints hold it) that the
+    moments' stochastic rounding folds `count` into."""
+
+    count: jax.Array  # int32 []
+    mu: Any
+    nu: Any
+    key: jax.Array  # uint32 [2]: the key data of the default PRNG
+
+
+def scale_by_adam(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    mu_dtype: Any = None,
+    seed: int = 0,
+) -> optax.GradientTransformation:
+    """`optax.scale_by_adam`, except that a moment stored in bf16 or fp16 is updated in float32
+    and stochastically rounded back (a key per step, moment and leaf, from the state's key and
+    count: deterministic, saved with the state, the same after a resume).
+
+    float32 moments and every update are computed exactly as optax computes them from
+    float32 inputs; each update is cast to the dtype optax would give it (bf16 for a bf16
+    parameter with bf16 moments), so no temporary is larger than optax's."""
+    mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
+
+    def init(params: Any) -> ScaleByAdamState:
+        key = jax.random.fold_in(jax.random.key(seed), MOMENTS_STREAM)
+        return ScaleByAdamState(
+            count=jnp.zeros([], jnp.int32),
+            mu=optax.tree.zeros_like(params, dtype=mu_dtype),
+            nu=optax.tree.zeros_like(params),
+            key=jax.random.key_data(key),
+        )
+
+    def update(
+        updates: Any, state: ScaleByAdamState, params: Any = None
+    ) -> tuple[Any, ScaleByAdamState]:
+        del params
+        grads = _float32(updates)
+        mu = optax.tree.update_moment(grads, _float32(state.mu), b1, 1)
+        nu = optax.tree.update_moment_per_elem_norm(grads, _float32(state.nu), b2, 2)
+        count = optax.safe_increment(state.count)
+        mu_hat = optax.tree.bias_correction(mu, b1, count)
+        nu_hat = optax.tree.bias_correction(nu, b2, count)
+        new = jax.tree.map(
+            lambda m, v, g, m0, v0: (m / (jnp.sqrt(v + eps_root) + eps)).astype(
+                jnp.result_type(g, m0, v0)
+            ),
+            mu_hat,
+            nu_hat,
+            updates,
+            state.mu,
+            state.nu,
+        )
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.count)
+        mu = _store(mu, state.mu, jax.random.fold_in(key, 0))
+        nu = _store(nu, state.nu, jax.random.fold_in(key, 1))
+        return new, ScaleByAdamState(count, mu, nu, state.key)
+
+    return optax.GradientTransformation(init, update)
+
+
+def adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    weight_decay: float,
+    mu_dtype: Any = None,
+    seed: int = 0,
+) -> optax.GradientTransformation:
+    """`optax.adamw` (default b1, b2, eps) built on this module's `scale_by_adam`."""
+    return optax.chain(
+        scale_by_adam(mu_dtype=mu_dtype, seed=seed),
+        optax.add_decayed_weights(weight_decay),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def _float32(tree: Any) -> Any:
+    return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
+
+
+def _store(moment: Any, old: Any, key: jax.Array) -> Any:
+    """The float32 `moment` in `old`'s dtypes: stochastically rounded where low precision (a
+    key per leaf, folded from `key`), cast otherwise."""
+    leaves, treedef = jax.tree.flatten(old)
+    return treedef.unflatten(
+        [
+            stochastic_round(m, o.dtype, jax.random.fold_in(key, i))
+            if is_low_precision(o)
+            else m.astype(o.dtype)
+            for i, (m, o) in enumerate(zip(treedef.flatten_up_to(moment), leaves, strict=True))
+        ]
+    )

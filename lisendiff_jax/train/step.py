@@ -20,6 +20,7 @@ import optax
 from flax import nnx
 
 from lisendiff_jax.method.model import TRAINABLE_MODULES
+from lisendiff_jax.train import rounding
 from lisendiff_jax.train.rounding import MasterState, apply_updates, float32_master, from_masters
 
 # The stochastic rounding key is `fold_in(rng, ROUNDING_STREAM)`. The loss splits the same `rng`
@@ -33,7 +34,8 @@ def make_optimizer(
 ) -> optax.GradientTransformation:
     """AdamW with the configured schedule, clipping and gradient accumulation, on float32
     master copies of the low-precision parameters when `model.low_precision_update` is
-    "float32_master".
+    "float32_master", with stochastically rounded low-precision moments when it is "stochastic"
+    (rounding.adamw).
 
     `total_steps` counts optimizer updates (after accumulation); decay schedules end there.
     `modules_learning_rate`, when set, is the LisenDiff modules' peak rate on the same schedule.
@@ -54,13 +56,12 @@ def make_optimizer(
     chain = []
     if config.clip_grad_norm > 0:
         chain.append(optax.clip_by_global_norm(config.clip_grad_norm))
-    chain.append(
-        optax.adamw(
-            schedule,
-            weight_decay=config.weight_decay,
-            mu_dtype=jnp.dtype(config.optimizer_state_dtype),
-        )
-    )
+    mu_dtype = jnp.dtype(config.optimizer_state_dtype)
+    if config.model.low_precision_update == "stochastic":
+        # Adam's bf16 moments (the bf16 head's nu, every mu in bfloat16) stochastically rounded.
+        chain.append(rounding.adamw(schedule, config.weight_decay, mu_dtype, config.seed))
+    else:
+        chain.append(optax.adamw(schedule, weight_decay=config.weight_decay, mu_dtype=mu_dtype))
     modules_rate = config.modules_learning_rate or peak
     if modules_rate != peak:
         chain.append(scale_modules(modules_rate / peak))
