@@ -82,8 +82,12 @@ def base_config() -> ml_collections.ConfigDict:
     m.lora = ml_collections.ConfigDict(
         dict(rank=16, alpha=32.0, dropout=0.1, targets=("q_proj", "v_proj"))
     )
+    # num_latents: L, the latents per example the cross-attention reads (the encoder cache
+    # gives 1, the paper's pooled sentence vector). A model setting, not a data one, because it
+    # decides which parameters exist (with one latent softmax is 1, so there are no query norm
+    # and q/k projections), and restore rebuilds the model from the run's config.
     m.cross_attention = ml_collections.ConfigDict(
-        dict(last_n_layers=12, inner_dim=0, num_heads=8)  # inner_dim 0 = the hidden size
+        dict(last_n_layers=12, inner_dim=0, num_heads=8, num_latents=1)  # inner_dim 0 = hidden
     )
     m.summary = ml_collections.ConfigDict(dict(num_queries=1, num_heads=8, depth=1, mlp_ratio=4))
     m.denoiser = ml_collections.ConfigDict(dict(depth=1, num_heads=8, mlp_ratio=4))
@@ -164,6 +168,16 @@ def check_value(config: ml_collections.ConfigDict, dotted: str, text: str) -> No
         parser.parse(text)
     except ValueError:
         raise ConfigError(f"--config.{dotted}: {text!r} is not {expected}") from None
+
+
+def set_value(config: ml_collections.ConfigDict, dotted: str, text: str) -> None:
+    """Sets option `dotted` to `text` parsed as `--config.<dotted>=<text>` is (ConfigError
+    naming the option if it cannot be), for commands that take overrides without absl."""
+    check_value(config, dotted, text)
+    parser = _VALUE_PARSERS.get(type(check_key(config, dotted)))
+    parent, _, leaf = dotted.rpartition(".")
+    node = check_key(config, parent) if parent else config
+    node[leaf] = parser[0].parse(text) if parser else text
 
 
 SOURCE_SPEC = "NAME=FORMAT:PATH[:FRACTION]"
@@ -293,6 +307,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(m.cross_attention.last_n_layers > 0, "model.cross_attention.last_n_layers", "> 0")
     _check(m.cross_attention.inner_dim >= 0, "model.cross_attention.inner_dim", "must be >= 0")
     _check(m.cross_attention.num_heads > 0, "model.cross_attention.num_heads", "must be > 0")
+    _check(m.cross_attention.num_latents > 0, "model.cross_attention.num_latents", "must be > 0")
     _check(m.summary.num_queries > 0, "model.summary.num_queries", "must be > 0")
     _check(m.denoiser.depth > 0, "model.denoiser.depth", "must be > 0")
     _check(m.diffusion.num_steps > 0, "model.diffusion.num_steps", "must be > 0")

@@ -10,7 +10,7 @@ The folder holds:
 - the tokenizer and its chat template (`tokenizer.save_pretrained`);
 - `lisendiff/modules.safetensors`: every parameter of the cross-attention, the style summary and the
   denoisers, and the latent statistics, under our parameter paths (e.g.
-  `backbone.layers.3.cross_attn.attn.q_proj.kernel`, `summary.queries`, `latent_mean`);
+  `backbone.layers.3.cross_attn.attn.v_proj.kernel`, `summary.queries`, `latent_mean`);
 - `lisendiff/config.json`: the run's config (module shapes, diffusion schedule, S-Encoder,
   prompt length), the latent width, alpha_bar_T and where the weights came from;
 - with `--peft`, `peft/`: the LoRA adapters (and trained LM head) as a PEFT adapter for the

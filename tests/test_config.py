@@ -47,6 +47,7 @@ def test_paper_config_has_appendix_b_values():
         ("data.sources.esconv.fraction", 0.0, r"--config\.data\.sources\.esconv\.fraction"),
         ("data.sources.esconv.format", "csv", r"--config\.data\.sources\.esconv\.format"),
         ("batch_size", 0, r"--config\.batch_size: must be > 0"),
+        ("model.cross_attention.num_latents", 0, r"--config\.model\.cross_attention\.num_latents"),
         (
             "data.train_prompt",
             "english",

@@ -1,5 +1,5 @@
-"""Cross-attention to the latent set: exact start, masking, L = 1, NumPy parity, cached
-decoding."""
+"""Cross-attention to the latent set: exact start, masking, L = 1 (the value path only), NumPy
+parity, cached decoding."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ LATENT_DIM = 32
 IDS = jnp.asarray(np.random.RandomState(0).randint(0, 128, (2, 10)), jnp.int32)
 LATENTS = jax.random.normal(jax.random.key(0), (2, 3, LATENT_DIM))
 LATENT_MASK = jnp.array([[True, True, False], [True, False, False]])
+L = LATENTS.shape[1]  # the modules below are built for it, unless a test says otherwise
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,7 @@ def randomise_outputs(module: nnx.Module, seed: int = 0) -> None:
 def test_step_zero_equals_backbone_exactly(folder):
     model = load_backbone(folder)
     reference = np.asarray(model(IDS))
-    attach_cross_attention(model, last_n=2, latent_dim=LATENT_DIM, rngs=nnx.Rngs(0))
+    attach_cross_attention(model, last_n=2, latent_dim=LATENT_DIM, num_latents=L, rngs=nnx.Rngs(0))
     assert model.layers[0].cross_attn is None
     assert all(isinstance(model.layers[i].cross_attn, CrossAttention) for i in (1, 2))
     out = np.asarray(model(IDS, latents=LATENTS, latent_mask=LATENT_MASK))
@@ -53,7 +54,7 @@ def test_step_zero_equals_backbone_exactly(folder):
 
 
 def test_zero_start_in_a_bfloat16_backbone():
-    module = CrossAttention(64, LATENT_DIM, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    module = CrossAttention(64, LATENT_DIM, num_latents=L, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     params = nnx.to_flat_state(nnx.state(module))
     assert all(var.dtype == jnp.float32 for _, var in params)
     out = module(jnp.ones((2, 5, 64), jnp.bfloat16), LATENTS, LATENT_MASK)
@@ -62,7 +63,7 @@ def test_zero_start_in_a_bfloat16_backbone():
 
 def test_latents_matter_and_padding_is_ignored(folder):
     model = attach_cross_attention(
-        load_backbone(folder), last_n=2, latent_dim=LATENT_DIM, inner_dim=32, rngs=nnx.Rngs(0)
+        load_backbone(folder), 2, LATENT_DIM, inner_dim=32, num_latents=L, rngs=nnx.Rngs(0)
     )
     assert model.layers[2].cross_attn.attn.num_heads == 2  # inner 32 / head_dim 16
     randomise_outputs(model)
@@ -80,21 +81,34 @@ def test_latents_matter_and_padding_is_ignored(folder):
     np.testing.assert_allclose(moved[1], out[1], rtol=0, atol=1e-6)
 
 
-def test_one_latent_gives_its_value_whatever_the_query():
-    module = CrossAttention(64, LATENT_DIM, 32, 4, rngs=nnx.Rngs(0))
-    randomise_outputs(module)
-    latent = jax.random.normal(jax.random.key(1), (2, 1, LATENT_DIM))
-    x1, x2 = jax.random.normal(jax.random.key(2), (2, 2, 5, 64))
-    out1, out2 = np.asarray(module(x1, latent)), np.asarray(module(x2, latent))
-    # Softmax over one key is 1: the output is the latent's value, broadcast over positions.
-    value = module.attn.o_proj(module.attn.v_proj(module.latent_norm(latent)))  # [2, 1, 64]
-    np.testing.assert_allclose(out1, np.broadcast_to(value, out1.shape), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(out2, out1, rtol=1e-5, atol=1e-6)
+def test_one_latent_module_is_attention_over_one_key():
+    """Built for L = 1 the module holds only the value path (no query norm, no q/k, which could
+    never get a gradient) and computes what the general module's attention over that one key
+    computes, a masked row included."""
+    general = CrossAttention(64, LATENT_DIM, 32, 4, num_latents=2, rngs=nnx.Rngs(0))
+    randomise_parameters(general, seed=5)
+    one = CrossAttention(64, LATENT_DIM, 32, 4, rngs=nnx.Rngs(1))
+    names = {"latent_norm.scale", "latent_norm.bias", "attn.v_proj.kernel", "attn.o_proj.kernel"}
+    assert set(weights(one)) == names and one.norm is None
+    shared = dict(nnx.to_flat_state(nnx.state(general, nnx.Param)))
+    for path, var in nnx.to_flat_state(nnx.state(one, nnx.Param)):
+        var.set_value(shared[path][...])
+
+    x = jax.random.normal(jax.random.key(2), (3, 5, 64))
+    latent = jax.random.normal(jax.random.key(3), (3, 1, LATENT_DIM))
+    for mask in (jnp.array([[True], [False], [True]]), None):
+        # The general path: query norm, q/k scores and softmax over the single key.
+        reference = np.asarray(general.attn(general.norm(x), general.latent_norm(latent), mask))
+        out = np.asarray(one(x, latent, mask))
+        np.testing.assert_allclose(out, reference, rtol=1e-6, atol=1e-6)
+        assert np.abs(reference[0]).min() > 0 and (mask is None) == bool(np.any(out[1]))
+    with pytest.raises(AssertionError, match="num_latents = 1"):
+        one(x, LATENTS[:1].repeat(3, axis=0))  # three latents into a one-latent module
 
 
 def test_multi_head_masked_attention_equals_numpy():
     """Several latents, a different number masked in each row (one row none, one all)."""
-    module = CrossAttention(64, LATENT_DIM, 32, 4, norm_eps=1e-5, rngs=nnx.Rngs(0))
+    module = CrossAttention(64, LATENT_DIM, 32, 4, num_latents=5, norm_eps=1e-5, rngs=nnx.Rngs(0))
     randomise_parameters(module, seed=3)
     rng = np.random.RandomState(4)
     hidden = rng.randn(4, 6, 64).astype(np.float32)
@@ -117,7 +131,7 @@ def test_multi_head_masked_attention_equals_numpy():
 
 
 def test_all_masked_row_gives_zero_without_nan():
-    module = CrossAttention(64, LATENT_DIM, 32, 4, rngs=nnx.Rngs(0))
+    module = CrossAttention(64, LATENT_DIM, 32, 4, num_latents=L, rngs=nnx.Rngs(0))
     randomise_outputs(module)
     x = jax.random.normal(jax.random.key(1), (2, 5, 64))
     mask = jnp.array([[True, True, False], [False, False, False]])
@@ -131,16 +145,18 @@ def test_all_masked_row_gives_zero_without_nan():
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
 
 
-def test_cached_decoding_matches_full_forward(folder):
+@pytest.mark.parametrize("num_latents", [1, L])
+def test_cached_decoding_matches_full_forward(folder, num_latents):
     model = attach_cross_attention(
-        load_backbone(folder), last_n=3, latent_dim=LATENT_DIM, rngs=nnx.Rngs(0)
+        load_backbone(folder), 3, LATENT_DIM, num_latents=num_latents, rngs=nnx.Rngs(0)
     )
     randomise_outputs(model)
+    latents, mask = LATENTS[:, :num_latents], LATENT_MASK[:, :num_latents]
 
     # Compiled: op-by-op execution of the cached path costs several seconds on the CPU.
     @nnx.jit
     def forward(model, ids, cache):
-        return model.forward(ids, cache=cache, latents=LATENTS, latent_mask=LATENT_MASK)
+        return model.forward(ids, cache=cache, latents=latents, latent_mask=mask)
 
     full, _ = forward(model, IDS, None)
     logits, cache = forward(model, IDS[:, :8], model.init_cache(2, IDS.shape[1]))

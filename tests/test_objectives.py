@@ -48,6 +48,7 @@ def model(checkpoint) -> LisenDiff:
     m.lora.dropout = 0.0
     m.cross_attention.last_n_layers = 2
     m.cross_attention.num_heads = 2
+    m.cross_attention.num_latents = 2  # make_batch's latent sets
     m.summary.num_heads = m.denoiser.num_heads = 2
     m.summary.mlp_ratio = m.denoiser.mlp_ratio = 1
     m.diffusion.num_steps = N_STEPS

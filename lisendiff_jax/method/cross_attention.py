@@ -46,6 +46,12 @@ class MultiHeadCrossAttention(nnx.Module):
 
     With `zero_init_output` the output projection starts at zero, so the module's first
     output is exactly zero whatever its inputs.
+
+    With `one_key` the key set always holds a single vector. Softmax over one key is 1 whatever
+    the scores, so every query receives that key's value: the module has no q/k projections
+    (they could never get a gradient) and computes o_proj(v_proj(key)) once per row,
+    broadcast over the queries (zero for a row whose key is masked), exactly what attention
+    over one key computes.
     """
 
     def __init__(
@@ -56,6 +62,7 @@ class MultiHeadCrossAttention(nnx.Module):
         num_heads: int,
         *,
         zero_init_output: bool = False,
+        one_key: bool = False,
         dtype: jnp.dtype = jnp.float32,
         param_dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
@@ -65,8 +72,11 @@ class MultiHeadCrossAttention(nnx.Module):
                 f"inner_dim ({inner_dim}) must be a multiple of num_heads ({num_heads})"
             )
         kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.q_proj = nnx.Linear(query_dim, inner_dim, **kw)
-        self.k_proj = nnx.Linear(kv_dim, inner_dim, **kw)
+        if one_key:
+            self.q_proj = self.k_proj = None
+        else:
+            self.q_proj = nnx.Linear(query_dim, inner_dim, **kw)
+            self.k_proj = nnx.Linear(kv_dim, inner_dim, **kw)
         self.v_proj = nnx.Linear(kv_dim, inner_dim, **kw)
         out_init = nnx.initializers.zeros if zero_init_output else nnx.initializers.lecun_normal()
         self.o_proj = nnx.Linear(inner_dim, query_dim, kernel_init=out_init, **kw)
@@ -80,6 +90,12 @@ class MultiHeadCrossAttention(nnx.Module):
     ) -> jax.Array:  # [batch, t, query_dim]
         b, t, _ = queries.shape
         n_kv = keys_values.shape[1]
+        if self.q_proj is None:  # one key: the same value for every query (queries unread)
+            chex.assert_axis_dimension(keys_values, 1, 1)
+            value = self.o_proj(self.v_proj(keys_values))  # [batch, 1, query_dim]
+            if mask is not None:
+                value = jnp.where(mask.astype(jnp.bool_)[:, :, None], value, 0)
+            return jnp.broadcast_to(value, (b, t, value.shape[-1]))
         q = self.q_proj(queries).reshape(b, t, self.num_heads, -1)
         k = self.k_proj(keys_values).reshape(b, n_kv, self.num_heads, -1)
         v = self.v_proj(keys_values).reshape(b, n_kv, self.num_heads, -1)
@@ -157,11 +173,17 @@ class CrossAttention(nnx.Module):
     layer-normed latents. The output projection is zero-initialised, so a freshly attached
     module changes nothing: the model starts as the backbone exactly.
 
+    The module is built for a set of `num_latents` latents (L). With L = 1 (the encoder's one
+    pooled vector) the softmax over the single key is 1 whatever the scores, so the output is
+    o_proj(v_proj(LN(latent))) at every position: that is all the module computes, once per
+    row, and it has no query norm and no q/k projections, which would never get a gradient.
+
     `inner_dim` (default hidden_size) sets the attention width, and with it the cost. Per layer
-    there are 2*hidden*inner + 2*latent_dim*inner projection weights. Llama-3.1-8B (hidden
-    4096, latent 768), 12 layers: inner 4096 -> 478M parameters; with fp32 parameters,
-    gradients and two Adam moments (16 bytes per parameter) that is 7.1 GiB on top of the
-    15 GiB bf16 backbone, too much for 24 GB. Inner 1024 -> 120M parameters, 1.8 GiB.
+    there are hidden*inner + latent_dim*inner projection weights (v, o) for L = 1, twice that
+    (q, k, v, o) for L > 1. Llama-3.1-8B (hidden 4096, latent 768), 12 layers, with fp32
+    parameters, gradients and two Adam moments (16 bytes per parameter), on top of the 15 GiB
+    bf16 backbone: inner 4096 -> 239M parameters, 3.6 GiB (L > 1: 478M, 7.1 GiB, too much for
+    24 GB); inner 1024 -> 60M parameters, 0.9 GiB (L > 1: 120M, 1.8 GiB).
     """
 
     def __init__(
@@ -171,13 +193,18 @@ class CrossAttention(nnx.Module):
         inner_dim: int | None = None,
         num_heads: int = 8,
         *,
+        num_latents: int = 1,
         norm_eps: float = 1e-6,
         dtype: jnp.dtype = jnp.float32,
         param_dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
+        if num_latents < 1:
+            raise ValueError(f"num_latents must be >= 1, got {num_latents}")
         self.hidden_size, self.latent_dim = hidden_size, latent_dim
-        self.norm = RMSNorm(hidden_size, norm_eps, param_dtype=param_dtype)
+        self.num_latents = num_latents
+        one_key = num_latents == 1
+        self.norm = None if one_key else RMSNorm(hidden_size, norm_eps, param_dtype=param_dtype)
         self.latent_norm = nnx.LayerNorm(
             latent_dim, epsilon=norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs
         )
@@ -187,6 +214,7 @@ class CrossAttention(nnx.Module):
             inner_dim or hidden_size,
             num_heads,
             zero_init_output=True,
+            one_key=one_key,
             dtype=dtype,
             param_dtype=param_dtype,
             rngs=rngs,
@@ -201,10 +229,18 @@ class CrossAttention(nnx.Module):
         chex.assert_rank([x, latents], 3)
         chex.assert_axis_dimension(x, 2, self.hidden_size)
         chex.assert_axis_dimension(latents, 2, self.latent_dim)
+        chex.assert_axis_dimension(
+            latents,
+            1,
+            self.num_latents,
+            custom_message="latents [batch, L, d]: this cross-attention was built for "
+            f"L = model.cross_attention.num_latents = {self.num_latents}",
+        )
         chex.assert_equal_shape_prefix([x, latents], 1)
         if latent_mask is not None:
             chex.assert_shape(latent_mask, latents.shape[:2])
-        out = self.attn(self.norm(x), self.latent_norm(latents), latent_mask)
+        queries = x if self.norm is None else self.norm(x)  # one latent: only x's shape is read
+        out = self.attn(queries, self.latent_norm(latents), latent_mask)
         return out.astype(x.dtype)
 
 
@@ -215,14 +251,17 @@ def attach_cross_attention(
     inner_dim: int | None = None,
     num_heads: int | None = None,
     *,
+    num_latents: int = 1,
     param_dtype: jnp.dtype = jnp.float32,
     rngs: nnx.Rngs,
 ) -> Decoder:
     """Sets `layer.cross_attn` on the last `last_n` decoder layers, in place; returns `model`.
 
-    Parameters land at `layers.{i}.cross_attn.{norm.scale, latent_norm.{scale,bias},
-    attn.{q,k,v,o}_proj.kernel}`. Computation is in the backbone's dtype. `num_heads` defaults
-    to inner_dim / the backbone's head_dim, so heads keep the backbone's width.
+    Parameters land at `layers.{i}.cross_attn.{latent_norm.{scale,bias},
+    attn.{v,o}_proj.kernel}`, and for `num_latents` > 1 also at `norm.scale` and
+    `attn.{q,k}_proj.kernel` (see `CrossAttention`). Computation is in the backbone's dtype.
+    `num_heads` defaults to inner_dim / the backbone's head_dim, so heads keep the backbone's
+    width.
     """
     cfg = model.config
     if not 1 <= last_n <= cfg.num_layers:
@@ -247,6 +286,7 @@ def attach_cross_attention(
             latent_dim,
             inner_dim,
             num_heads,
+            num_latents=num_latents,
             norm_eps=cfg.rms_norm_eps,
             dtype=model.dtype,
             param_dtype=param_dtype,

@@ -75,6 +75,7 @@ class LisenDiff(nnx.Module):
         trainable_dtype = jnp.dtype(cfg.trainable_dtype)
         self.lisendiff = bool(cfg.lisendiff)
         self.latent_dim = latent_dim
+        self.num_latents = int(cfg.cross_attention.num_latents)  # L of a latent set [L, d]
         self.train_lm_head = bool(cfg.train_lm_head)
         self.backbone = apply_lora(
             backbone,
@@ -98,6 +99,7 @@ class LisenDiff(nnx.Module):
             latent_dim,
             ca.inner_dim or None,
             ca.num_heads,
+            num_latents=ca.num_latents,
             param_dtype=trainable_dtype,
             rngs=rngs,
         )
