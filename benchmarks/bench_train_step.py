@@ -91,7 +91,9 @@ def _rows(path: tuple[str, ...], seq: int, n_queries: int) -> int:
             return 1 + n_queries
         return 1 if "time_mlp" in path else N_LATENTS
     if "cross_attn" in path:  # the tokens read the latents
-        return N_LATENTS if reads_keys else seq
+        # One latent gives every token the same value, projected once per example (the module
+        # then has no q/k projections: softmax over one key is 1).
+        return N_LATENTS if reads_keys or (N_LATENTS == 1 and "o_proj" in path) else seq
     if "lm_head" in path:  # the last position predicts nothing
         return seq - 1
     return seq
@@ -105,8 +107,9 @@ def train_flops(model: LisenDiff, seq: int) -> TrainFlops:
     model's own parameter shapes: each weight matrix (the backbone's projections, the LM head,
     LoRA's A and B, the cross-attention, style summary and denoiser matrices) times the rows it
     multiplies per example (the seq tokens, seq - 1 for the LM head; for the LisenDiff modules
-    the latents, context utterances or summary queries, and every style's denoiser runs on
-    every example), plus each attention's scores and values, 2 x query rows x key rows x
+    the latents, context utterances or summary queries, one row for the cross-attention's
+    output projection when it reads one latent, and every style's denoiser runs on every
+    example), plus each attention's scores and values, 2 x query rows x key rows x
     (heads x head_dim) per example (self-attention: 2 x seq x 4096 per token and layer on
     Llama-3.1-8B, the whole seq x seq square as the model computes it, the causal half not
     subtracted). The frozen weights get no gradient, so their backward pass is the
@@ -149,6 +152,7 @@ def bench_config(size: str, lisendiff: bool) -> ml_collections.ConfigDict:
     config = paper_config("bench", "ja", lisendiff)
     config.learning_rate = 1e-4
     m = config.model
+    m.cross_attention.num_latents = N_LATENTS  # what synthetic_batch gives
     if size == "34m":
         m.param_dtype = m.compute_dtype = "float32"
         m.remat = "none"

@@ -75,6 +75,41 @@ def budget(
     }
 
 
+# The trained parts, by a piece of their parameter path; the frozen weights are the rest.
+PARTS = (
+    ("LoRA", "lora_"),
+    ("cross-attention", "cross_attn"),
+    ("summary + denoisers", "summary|denoisers"),
+    ("LM head", "lm_head"),
+)
+
+
+def by_part(backbone: str, inner_dim: int, update: str = "") -> list[tuple[str, float, float]]:
+    """(part, million parameters, GiB of parameters + gradients + optimizer state) for each
+    trained part, and the frozen weights (parameters only)."""
+    config, model = abstract_model(backbone, inner_dim, update=update)
+    _, trainable, _, _, rest = nnx.split(
+        model, model.trainable_filter(), LatentStat, nnx.RngState, ...
+    )
+    opt_state = jax.eval_shape(make_optimizer(config, 1).init, trainable)
+
+    def leaves(tree, pattern: str) -> list:
+        return [
+            leaf
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+            if any(piece in jax.tree_util.keystr(path) for piece in pattern.split("|"))
+        ]
+
+    rows = []
+    for name, pattern in PARTS:
+        params = leaves(trainable, pattern)
+        state = 2 * nbytes(params) + nbytes(leaves(opt_state, pattern))
+        rows.append((name, sum(x.size for x in params) / 1e6, state / GIB))
+    frozen = jax.tree.leaves(rest)
+    rows.append(("frozen weights", sum(x.size for x in frozen) / 1e6, nbytes(frozen) / GIB))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", choices=sorted(BACKBONES), default="llama")
@@ -105,6 +140,10 @@ def main() -> None:
             f"{b['gradients']:6.2f} {b['Adam']:6.2f} {b['float32 master']:6.2f} {total:6.2f}"
             f"       {b['trainable count (M)']:.0f}M"
         )
+    for inner_dim in (0, paper_config(args.backbone, "ja").model.cross_attention.inner_dim):
+        print(f"\nby part at inner_dim {inner_dim or 'hidden'} (trained: with gradients and state)")
+        for name, millions, gib in by_part(args.backbone, inner_dim, update):
+            print(f"{name:>20} {millions:9.1f}M {gib:6.2f} GiB")
 
 
 if __name__ == "__main__":
