@@ -221,13 +221,19 @@ def test_training_on_a_mesh_equals_one_device(mesh, data, reference, tmp_path):
         scale = np.abs(expected).max()
         np.testing.assert_allclose(grads[path], expected, rtol=1e-4, atol=1e-5 * scale)
 
-    # Three Adam steps: the same losses and gradient norms at every step. (Parameters are
-    # compared loosely: Adam's first steps move each weight by about lr * sign(gradient),
-    # so a weight whose gradient is ~0 moves by rounding noise either way.)
+    # Three Adam steps: the same losses and gradient norms at every step. Parameters are
+    # compared element by element too, but Adam's first non-zero step moves each weight by
+    # lr * sign(gradient) whatever the gradient's size, so a weight whose gradient is ~0 (the
+    # cross-attention's v_proj at step 2, behind its zero-initialised output) may go either way
+    # on rounding noise: at most one in 10^4 elements may differ, and by no more than a full
+    # step each way at every step.
     trainer.run(3)
     assert_same_run(tmp_path / "run", reference, 3)
+    lr = trainer.config.learning_rate
     for path, expected in reference["params"].items():
-        np.testing.assert_allclose(host_params(trainer)[path], expected, atol=5e-4)
+        diff = np.abs(host_params(trainer)[path] - expected)
+        assert np.mean(diff > 5e-4) <= 1e-4, (path, int(np.sum(diff > 5e-4)))
+        assert diff.max() <= 2 * 3 * lr, (path, float(diff.max()))
 
     # Really split: shardings and the shapes each device holds.
     fsdp, tensor = shape[1], shape[2]
