@@ -10,8 +10,9 @@ package, the evaluation in `lisendiff_jax.evaluation`) can talk to the model.
 
 How a chat maps to the model's context: the user and assistant messages, oldest first, become
 the context turns (`inference.Request.context`); the last one must be the user's. A system
-message is accepted and ignored: the model always answers with the system prompt of its
-target language, the one it was trained with. Honoured: `temperature` (0 = greedy), `top_p`,
+message is accepted and ignored: the model always answers with its own system prompt for the
+reply language (`lang`, default the run's target language), the kind of prompt it was trained
+with. Honoured: `temperature` (0 = greedy), `top_p`,
 `max_tokens` (or `max_completion_tokens`), `seed` (an integer >= 0, default 0: the same
 request gets the same reply); extra fields `style` ("empathy" or "default") and `lang` (e.g.
 "zh", "yue"; default: the run's target language). `n` must be 1 and `stream` false.
