@@ -183,6 +183,14 @@ def test_broken_workdirs_give_one_line_errors(tiny_workdir, capsys, tmp_path):
     assert "no checkpoint yet" in _one_line_error(
         capsys, "--workdir", str(untrained), "--context", "hi"
     )
+    older = tmp_path / "older"
+    shutil.copytree(tiny_workdir, older)
+    config = json.loads((older / "config.json").read_text())
+    del config["model"]["cross_attention"]["num_latents"]  # as before that option existed
+    (older / "config.json").write_text(json.dumps(config))
+    assert "another version of lisendiff_jax (no --config.model.cross_attention.num_latents)" in (
+        _one_line_error(capsys, "--workdir", str(older), "--context", "hi")
+    )
     corrupt = tmp_path / "corrupt"
     shutil.copytree(tiny_workdir, corrupt)
     for blob in (corrupt / "0" / "state").rglob("d/*"):

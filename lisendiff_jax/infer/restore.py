@@ -57,9 +57,32 @@ def read_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
             f"python train.py --workdir {workdir})"
         )
     try:
-        return ml_collections.ConfigDict(json.loads(path.read_text()))
+        config = ml_collections.ConfigDict(json.loads(path.read_text()))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise RestoreError(f"{path}: not valid JSON ({err})") from None
+    # The model section decides which parameters exist; a run from a version with other model
+    # options has checkpoints this version cannot rebuild.
+    missing = _missing_keys(base_config().model, config.get("model"), "model")
+    if missing:
+        raise RestoreError(
+            f"{path}: written by another version of lisendiff_jax (no --config.{missing}); "
+            "sample it with that version, or train it again"
+        )
+    return config
+
+
+def _missing_keys(expected: ml_collections.ConfigDict, saved: object, where: str) -> str | None:
+    """The first option of `expected` that `saved` lacks, dotted; None when it has them all."""
+    if not isinstance(saved, ml_collections.ConfigDict):
+        return where
+    for key, value in expected.items():
+        if key not in saved:
+            return f"{where}.{key}"
+        if isinstance(value, ml_collections.ConfigDict):
+            missing = _missing_keys(value, saved[key], f"{where}.{key}")
+            if missing:
+                return missing
+    return None
 
 
 def load_tokenizer(folder: str | os.PathLike) -> PreTrainedTokenizerBase:
