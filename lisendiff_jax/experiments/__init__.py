@@ -1,0 +1,1 @@
+"""Experiments that train and evaluate several runs end to end (`small_real`)."""
