@@ -55,7 +55,6 @@ from lisendiff_jax.method.sampler import Plan, SamplerName, make_plan, sample
 from lisendiff_jax.sharding import MeshPlan
 
 PAD_MULTIPLE = 32
-LATENT_SET_SIZE = 1  # the encoder cache gives one pooled vector per response (L = 1)
 REPLACEMENT = "\ufffd"
 MAX_MISSING_BYTES = 3  # a UTF-8 character cut short lacks at most 3 of its (up to) 4 bytes
 
@@ -147,7 +146,7 @@ def sample_latents(
     def denoise(y_t: jax.Array, t: jax.Array) -> jax.Array:
         return model.denoisers(y_t, t, x, style_ids)
 
-    shape = (LATENT_SET_SIZE, model.latent_dim)
+    shape = (model.num_latents, model.latent_dim)
     return sample(denoise, plan, model.latent_stats, keys, shape, return_trajectory)
 
 
@@ -203,15 +202,18 @@ def _respond(graphdef, state, plan, batch, params, trace_steps):
     latent_keys, decode_keys = jax.vmap(jax.random.split, out_axes=1)(keys)  # [B] each
     if not model.lisendiff:
         return {"reply": decode(model.backbone, ids, mask, decode_keys, params)}
-    latents, trajectory = sample_latents(
-        model,
-        batch["context"],
-        batch["context_mask"],
-        batch["style_ids"],
-        latent_keys,
-        plan,
-        return_trajectory=trace_steps > 0,
-    )
+    if "latents" in batch:  # given by the caller: nothing to sample, no trace
+        latents = batch["latents"]
+    else:
+        latents, trajectory = sample_latents(
+            model,
+            batch["context"],
+            batch["context_mask"],
+            batch["style_ids"],
+            latent_keys,
+            plan,
+            return_trajectory=trace_steps > 0,
+        )
     out = {
         "latents": latents,
         "reply": decode(model.backbone, ids, mask, decode_keys, params, {"latents": latents}),
@@ -323,12 +325,30 @@ class Listener:
         return {"context": context, "context_mask": mask, "style_ids": style_ids}
 
     def reply(
-        self, requests: Sequence[Request], options: Options = Options(), batch_size: int = 16
+        self,
+        requests: Sequence[Request],
+        options: Options = Options(),
+        batch_size: int = 16,
+        latents: np.ndarray | None = None,
     ) -> list[Reply]:
         """One reply per request, in order, decoded `batch_size` requests at a time. Request i
         draws from fold_in(key(options.seed), i), or from fold_in(key(request.seed), 0) when it
-        has a seed, whatever its batch."""
+        has a seed, whatever its batch.
+
+        `latents` [len(requests), L, d] (encoder space), for a LisenDiff model only: decode
+        with these instead of latents sampled from the context, e.g. the embedding of a reply
+        in another language; no trace then."""
         params, plan, trace_steps = self.prepare(options)
+        given = None if latents is None else np.asarray(latents, np.float32)
+        if given is not None:
+            if not self.lisendiff:
+                raise InputError("a model without LisenDiff modules reads no latent")
+            if trace_steps:
+                raise InputError("a trace follows the sampler; given latents have none")
+            if given.ndim != 3 or len(given) != len(requests):
+                raise InputError(
+                    f"latents must be [{len(requests)} requests, L, d], got {given.shape}"
+                )
         # Every prompt before any batch runs: a request that cannot be answered stops the call
         # before the model does any work.
         prompts = [self._encode(r, options.max_tokens) for r in requests]
@@ -350,7 +370,9 @@ class Listener:
         for start in range(0, len(requests), batch_size):
             chunk = requests[start : start + batch_size]
             batch = self._pad(prompts[start : start + batch_size])
-            if self.lisendiff:
+            if given is not None:
+                batch["latents"] = given[start : start + batch_size]
+            elif self.lisendiff:
                 batch.update(self._context(chunk))
             batch["seed"] = seeds[start : start + batch_size].astype(np.uint32)
             batch["position"] = np.array(positions[start : start + batch_size], np.uint32)
