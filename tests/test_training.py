@@ -578,6 +578,18 @@ def test_a_language_without_a_prompt_stops_before_encoding_or_weights(tmp_path, 
     )
 
 
+def test_a_max_length_shorter_than_the_system_prompt_names_the_option(tmp_path, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("reached past encoding")
+
+    for name in ("make_encoder", "load_backbone"):
+        monkeypatch.setattr(loop, name, never)
+    config = prompt_config(tmp_path, "example", langs=("en",))
+    config.data.max_length = 16  # the English system prompt alone is longer
+    with pytest.raises(ConfigError, match=r"^--config\.data\.max_length: max_length=16 leaves no"):
+        Trainer(config, tmp_path / "w", progress=False)
+
+
 def test_a_workdir_from_before_train_prompt_resumes_only_with_target(tmp_path):
     config = loop_config(tmp_path, 1, 1000)
     saved = json.loads(config.to_json())

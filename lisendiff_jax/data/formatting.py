@@ -60,6 +60,10 @@ SYSTEM_PROMPTS: Mapping[str, str] = {
 Shortened = Literal["none", "last_turn", "response"]
 
 
+class NoRoomError(ValueError):
+    """`max_length` leaves no room for a reply after the system prompt."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Encoded:
     """One chat as token ids.
@@ -200,7 +204,7 @@ def encode_chat(
             return Encoded(ids, prompt_length, 1, "last_turn")
     ids, prompt_length = render([""] if context else [])
     if response is None or prompt_length >= max_length:
-        raise ValueError(
+        raise NoRoomError(
             f"max_length={max_length} leaves no room for the reply after the system prompt "
             f"({prompt_length} prompt tokens with an empty context)"
         )

@@ -42,7 +42,12 @@ from lisendiff_jax.data import Example, Mix, build_mix, summary_table
 from lisendiff_jax.data.batching import DataPosition, iterate_batches, length_buckets
 from lisendiff_jax.data.encoder import make_encoder
 from lisendiff_jax.data.encoder_cache import prepare_split
-from lisendiff_jax.data.formatting import SYSTEM_PROMPTS, encode_examples, system_prompt
+from lisendiff_jax.data.formatting import (
+    SYSTEM_PROMPTS,
+    NoRoomError,
+    encode_examples,
+    system_prompt,
+)
 from lisendiff_jax.errors import UserError
 from lisendiff_jax.method.diffusion import fit_latent_stats
 from lisendiff_jax.method.model import LisenDiff, check_settings, split_for_training, training_loss
@@ -176,9 +181,12 @@ class Trainer:
         if self.primary:
             print(summary_table(mix))
         self.examples: list[Example] = mix.examples
-        self.encoded = encode_examples(
-            tokenizer, self.examples, training_prompts(d, mix), d.max_length, self.progress
-        )
+        try:
+            self.encoded = encode_examples(
+                tokenizer, self.examples, training_prompts(d, mix), d.max_length, self.progress
+            )
+        except NoRoomError as err:
+            raise ConfigError(f"--config.data.max_length: {err}") from None
         encoder = make_encoder(d.encoder)
         cache_dir = d.cache_dir or default_cache_root() / "embeddings"
         prepare = functools.partial(
