@@ -27,7 +27,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from flax import nnx
 from lisendiff_jax.backbone.layout import PROJECTIONS
 from lisendiff_jax.backbone.loading import path_to_hf_key, read_safetensors, write_safetensors
 from lisendiff_jax.errors import UserError
+from lisendiff_jax.files import staged_folder
 from lisendiff_jax.infer.restore import (
     Loaded,
     build_model,
@@ -146,10 +146,7 @@ def export(
         raise ExportError(f"{out}: exists and is not an empty folder; choose a new --out")
     step = int(checkpoint_step(workdir, step).name)
     model, config, tokenizer = restore_workdir(workdir, step)
-    # Written beside `out` and renamed when complete, so a failed export leaves nothing.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with staged_folder(out) as staging:
         _write(
             model,
             config,
@@ -158,11 +155,6 @@ def export(
             peft,
             source={"workdir": str(workdir.resolve()), "step": step},
         )
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out
 
 

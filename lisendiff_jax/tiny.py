@@ -9,8 +9,6 @@ Both are deterministic and cached, so every run of the default sees the same bac
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from transformers import PreTrainedTokenizerFast
 from lisendiff_jax.backbone.loading import resolve_checkpoint
 from lisendiff_jax.backbone.presets import LLAMA_TINY
 from lisendiff_jax.config import TINY_BACKBONE
+from lisendiff_jax.files import staged_folder
 
 # Control tokens of a Llama-3-style chat format; the pad token first so it gets id 0.
 PAD_TOKEN = "<|pad|>"
@@ -111,16 +110,9 @@ def build_tiny_backbone(folder: Path, seed: int = 0) -> Path:
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
+    with staged_folder(folder, replace=True) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if folder.exists():
-            shutil.rmtree(folder)
-        staging.rename(folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return folder
 
 

@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -49,6 +48,7 @@ from lisendiff_jax.backbone.loading import (
 from lisendiff_jax.backbone.model import Decoder
 from lisendiff_jax.backbone.rope import inverse_frequencies
 from lisendiff_jax.errors import UserError
+from lisendiff_jax.files import staged_folder
 
 # GGUF architecture -> transformers class; llama.cpp names Llama and Qwen2 as transformers does.
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -289,10 +289,7 @@ def convert(path: str | os.PathLike, out: str | os.PathLike, dtype: str = "float
     tokenizer = _tokenizer(source)
     hf["dtype"] = hf["torch_dtype"] = dtype  # transformers 5 reads the first, 4.x the second
     generation = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Written beside `out` and renamed when complete, so a failed conversion leaves nothing.
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with staged_folder(out) as staging:
         (staging / "config.json").write_text(json.dumps(hf, indent=2))
         (staging / "generation_config.json").write_text(json.dumps(generation, indent=2))
         entries = (
@@ -305,11 +302,6 @@ def convert(path: str | os.PathLike, out: str | os.PathLike, dtype: str = "float
         )
         write_safetensors(staging / "model.safetensors", entries)
         tokenizer.save_pretrained(staging)
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out
 
 
