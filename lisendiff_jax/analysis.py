@@ -2,11 +2,15 @@
 
     python -m lisendiff_jax.analysis map --workdir runs/llama_ja --workdir runs/llama_en \
         --out latents.png                       # the paper's Figure 5
+    python -m lisendiff_jax.analysis map --workdir runs/llama_ja --empathy 0,0.5,1,2 \
+        --out dial.png                          # latents along the empathy dial
     python -m lisendiff_jax.analysis retrieve --workdir runs/llama_ja \
         --candidates responses.txt --top-k 5    # the paper's Table 3
 
 Latents are sampled for the bundled Mandarin and Cantonese situations (or `--situations FILE`)
-with each style's denoiser. On the map, colour is the model (its L2) and the marker the style.
+with each style's denoiser, or with `--empathy W,...` at each setting w of the empathy dial
+(0: the default style, 1: the empathy style, 2: past it). On the map, colour is the model (its
+L2) and the marker the style or the dial setting.
 Retrieval ranks candidate responses (one per line) by the sum of their cosine similarities to
 a model's sampled latents, with the candidates embedded by that run's own S-Encoder.
 """
@@ -21,10 +25,11 @@ from pathlib import Path
 import numpy as np
 
 from lisendiff_jax.data import STYLES, load_situations, sample_path
+from lisendiff_jax.data.example import parse_dial
 from lisendiff_jax.errors import UserError
 
 DEFAULT_SITUATIONS = ("situations/zh_mandarin.jsonl", "situations/zh_cantonese.jsonl")
-_MARKERS = ("o", "^", "s", "D")
+_MARKERS = ("o", "^", "s", "D", "v", "P", "X", "*")
 
 
 def tsne_points(latents: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -42,7 +47,7 @@ def tsne_points(latents: np.ndarray, seed: int = 0) -> np.ndarray:
 def plot_latent_map(
     points: np.ndarray, systems: Sequence[str], styles: Sequence[str], out: Path
 ) -> Path:
-    """A scatter PNG of points [n, 2]: colour by system, marker by style."""
+    """A scatter PNG of points [n, 2]: colour by system, marker by style (or dial setting)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -50,7 +55,7 @@ def plot_latent_map(
 
     fig, ax = plt.subplots(figsize=(6, 5))
     for i, system in enumerate(dict.fromkeys(systems)):
-        for j, style in enumerate(STYLES):
+        for j, style in enumerate(dict.fromkeys(styles)):
             keep = [a == system and b == style for a, b in zip(systems, styles, strict=True)]
             if any(keep):
                 xy = points[np.asarray(keep)]
@@ -58,7 +63,7 @@ def plot_latent_map(
                     xy[:, 0],
                     xy[:, 1],
                     c=f"C{i}",
-                    marker=_MARKERS[j],
+                    marker=_MARKERS[j % len(_MARKERS)],
                     s=18,
                     alpha=0.8,
                     label=f"{system} / {style}",
@@ -90,18 +95,29 @@ def top_k(texts: Sequence[str], scores: np.ndarray, k: int) -> list[tuple[str, f
     return [(texts[i], float(scores[i])) for i in order]
 
 
-def sampled_latents(listener, situations: Sequence[str], samples: int, seed: int) -> dict:
-    """{style: latents [len(situations) * samples, d]} from one model."""
+def sampled_latents(
+    listener,
+    situations: Sequence[str],
+    samples: int,
+    seed: int,
+    empathy: Sequence[float] | None = None,
+) -> dict:
+    """{style: latents [len(situations) * samples, d]} from one model, or with `empathy`
+    {"w=W": latents} at each setting of the dial."""
     from lisendiff_jax.infer.inference import Options, Request
 
+    if empathy is None:
+        settings = {style: dict(style=style) for style in STYLES}
+    else:
+        settings = {f"w={w:g}": dict(empathy=w) for w in empathy}
     out = {}
-    for style in STYLES:
-        requests = [Request(context=(s,), style=style) for s in situations]
+    for label, setting in settings.items():
+        requests = [Request(context=(s,), **setting) for s in situations]
         rows = []
         for i in range(samples):
             replies = listener.reply(requests, Options(seed=seed + i, max_tokens=1))
             rows.extend(r.latent.reshape(-1) for r in replies)
-        out[style] = np.stack(rows)
+        out[label] = np.stack(rows)
     return out
 
 
@@ -126,6 +142,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         c.add_argument("--situations", action="append", help="JSONL; default: bundled zh/yue")
         c.add_argument("--samples", type=int, default=2, help="latents per situation and style")
         c.add_argument("--seed", type=int, default=0)
+        c.add_argument(
+            "--empathy",
+            type=parse_dial,
+            metavar="W,...",
+            help="sample at these settings of the empathy dial (e.g. 0,1,2), not per style",
+        )
     sub.choices["map"].add_argument("--out", type=Path, default=Path("latent_map.png"))
     sub.choices["retrieve"].add_argument("--candidates", type=Path, required=True)
     sub.choices["retrieve"].add_argument("--top-k", type=int, default=5)
@@ -139,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         points, systems, styles = [], [], []
         for workdir in args.workdir:
             listener, config = _listener(workdir)
-            by_style = sampled_latents(listener, situations, args.samples, args.seed)
+            by_style = sampled_latents(listener, situations, args.samples, args.seed, args.empathy)
             if args.command == "retrieve":
                 if not args.candidates.is_file():
                     raise UserError(f"{args.candidates}: no such file")

@@ -22,6 +22,8 @@ from ml_collections.config_flags import tuple_parser
 
 from lisendiff_jax.backbone.layout import PROJECTIONS
 from lisendiff_jax.data.errors import DataError
+from lisendiff_jax.data.formatting import SYSTEM_PROMPTS
+from lisendiff_jax.data.languages import PromptsFileError, describe, is_language_tag, read_prompts
 from lisendiff_jax.data.readers import FORMATS, check_path
 from lisendiff_jax.errors import UserError
 
@@ -29,7 +31,6 @@ SCHEDULES = ("constant", "cosine", "linear")
 REMAT_POLICIES = ("none", "full", "dots")
 DIFFUSION_SCHEDULES = ("linear", "cosine", "zero_terminal_snr")
 LOSS_WEIGHTS = ("uniform", "snr", "min_snr")
-TARGET_LANGS = ("zh", "yue", "en", "ja")
 LOW_PRECISION_UPDATES = ("stochastic", "nearest", "float32_master")
 TRAIN_PROMPTS = ("example", "target", "none")
 TINY_BACKBONE = "tiny"
@@ -90,7 +91,12 @@ def base_config() -> ml_collections.ConfigDict:
         dict(last_n_layers=12, inner_dim=0, num_heads=8, num_latents=1)  # inner_dim 0 = hidden
     )
     m.summary = ml_collections.ConfigDict(dict(num_queries=1, num_heads=8, depth=1, mlp_ratio=4))
-    m.denoiser = ml_collections.ConfigDict(dict(depth=1, num_heads=8, mlp_ratio=4))
+    # context_dropout p: training replaces an example's context summary by a learned null
+    # summary with probability p, so that sampling can take classifier-free guidance on the
+    # context (--guidance); 0 (the paper) builds no null summary.
+    m.denoiser = ml_collections.ConfigDict(
+        dict(depth=1, num_heads=8, mlp_ratio=4, context_dropout=0.0)
+    )
     m.diffusion = ml_collections.ConfigDict(
         dict(
             num_steps=50,
@@ -107,6 +113,12 @@ def base_config() -> ml_collections.ConfigDict:
     d.sources = ml_collections.ConfigDict()
     d.unit = "dialogues"
     d.target_lang = "zh"  # the reply language at inference: its system prompt is the default
+    # System prompts of languages without a built-in one (any language tag, e.g. "ko"): a JSON
+    # file of language -> prompt (data/languages.py). Training copies its prompts into
+    # `prompt_texts`, which the workdir's config.json keeps, so that a restored or exported run
+    # samples with the prompts it trained with after the file is gone or changed.
+    d.prompts = ""
+    d.prompt_texts = ml_collections.ConfigDict()
     # The system prompt each training example is encoded with. "example": the prompt of the
     # example's own language (Example.lang), so the instruction always agrees with the gold
     # reply; "target": the target language's prompt for every example, which asks for Mandarin
@@ -120,6 +132,24 @@ def base_config() -> ml_collections.ConfigDict:
     d.cache_dir = ""  # "" = ~/.cache/lisendiff_jax/embeddings
     d.on_error = "raise"  # or "skip": bad rows are counted and reported
     return c
+
+
+# Model options added after runs were written, each with the value that rebuilds those runs'
+# model exactly (no context dropout: no null summary parameter).
+ADDED_MODEL_OPTIONS = {("denoiser", "context_dropout"): 0.0}
+
+
+def fill_added_model_options(model: dict | ml_collections.ConfigDict | None) -> None:
+    """Sets, in place, each of `ADDED_MODEL_OPTIONS` that a run's saved model section lacks
+    (a ConfigDict or its JSON dict), so that runs written before an option existed restore
+    and resume as they trained."""
+    sections = (dict, ml_collections.ConfigDict)
+    for (*path, option), value in ADDED_MODEL_OPTIONS.items():
+        section = model
+        for name in path:
+            section = section.get(name) if isinstance(section, sections) else None
+        if isinstance(section, sections) and option not in section:
+            section[option] = value
 
 
 def load_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
@@ -227,6 +257,38 @@ def check_data_paths(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"--config.data.sources.{name}.path: {err}") from None
 
 
+def system_prompts(data: ml_collections.ConfigDict) -> dict[str, str]:
+    """The run's system prompts by language: the built-in ones, and `data.prompt_texts` over
+    them (a workdir from before prompt files has none)."""
+    return {**SYSTEM_PROMPTS, **dict(data.get("prompt_texts") or {})}
+
+
+def load_prompts(config: ml_collections.ConfigDict) -> None:
+    """The prompts half of `validate`, which reads a file: copies the `data.prompts` file's
+    prompts into `data.prompt_texts` and checks that `data.target_lang` has a prompt. Raises
+    ConfigError naming the option, the file and the key."""
+    d = config.data
+    if d.prompts:
+        try:
+            texts = read_prompts(d.prompts)
+        except PromptsFileError as err:
+            raise ConfigError(f"--config.data.prompts: {err}") from None
+        for tag, text in texts.items():
+            if d.prompt_texts.get(tag, text) != text:
+                raise ConfigError(
+                    f"--config.data.prompts: {d.prompts}: key {tag!r} differs from the "
+                    f"config's data.prompt_texts[{tag!r}]; keep one of them"
+                )
+        with config.unlocked():
+            d.prompt_texts.update(texts)
+    if d.target_lang not in system_prompts(d):
+        raise ConfigError(
+            f"--config.data.target_lang: no system prompt for language {describe(d.target_lang)} "
+            f"(have {', '.join(sorted(system_prompts(d)))}); give one in a JSON file of "
+            "language -> prompt with --config.data.prompts=FILE"
+        )
+
+
 def source(format: str, path: str, fraction: float, split: str = "") -> ml_collections.ConfigDict:
     """One entry of `data.sources`; `split` "" means the corpus' default (train)."""
     return ml_collections.ConfigDict(dict(format=format, path=path, fraction=fraction, split=split))
@@ -310,6 +372,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(m.cross_attention.num_latents > 0, "model.cross_attention.num_latents", "must be > 0")
     _check(m.summary.num_queries > 0, "model.summary.num_queries", "must be > 0")
     _check(m.denoiser.depth > 0, "model.denoiser.depth", "must be > 0")
+    _check(
+        0 <= m.denoiser.context_dropout < 1, "model.denoiser.context_dropout", "must be in [0, 1)"
+    )
     _check(m.diffusion.num_steps > 0, "model.diffusion.num_steps", "must be > 0")
     _check(
         0 < m.diffusion.beta_start < m.diffusion.beta_end < 1,
@@ -326,7 +391,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _check(bool(src.path), f"data.sources.{name}.path", "is empty")
         _check(0 < src.fraction <= 1, f"data.sources.{name}.fraction", "must be in (0, 1]")
     _one_of(d.unit, ("dialogues", "pairs"), "data.unit")
-    _one_of(d.target_lang, TARGET_LANGS, "data.target_lang")
+    _check(
+        is_language_tag(d.target_lang),
+        "data.target_lang",
+        f"{d.target_lang!r} is not a language tag (e.g. 'zh', 'ko')",
+    )
+    for tag, text in d.prompt_texts.items():
+        _check(is_language_tag(tag), f"data.prompt_texts.{tag}", "is not a language tag")
+        _check(isinstance(text, str) and bool(text.strip()), f"data.prompt_texts.{tag}", "empty")
     _one_of(d.train_prompt, TRAIN_PROMPTS, "data.train_prompt")
     _check(d.max_length >= 16, "data.max_length", "must be >= 16")
     _check(d.max_context > 0, "data.max_context", "must be > 0")

@@ -1,4 +1,4 @@
-"""An OpenAI-compatible chat endpoint on localhost for a trained model.
+"""An OpenAI-compatible chat endpoint on localhost for a trained model (FastAPI on uvicorn).
 
     python -m lisendiff_jax.serve --workdir DIR [--host 127.0.0.1 --port 8000]
     python -m lisendiff_jax.serve --workdir EXPORT_FOLDER
@@ -6,155 +6,240 @@
     python -m lisendiff_jax.serve --workdir DIR --max-batch 16 --batch-wait-ms 10
 
 Routes: `POST /v1/chat/completions` and `GET /v1/models`, so any chat client (the `openai`
-package, the evaluation in `lisendiff_jax.evaluation`) can talk to the model.
+package, the evaluation in `lisendiff_jax.evaluation`, chat front-ends) can talk to the model.
 
 How a chat maps to the model's context: the user and assistant messages, oldest first, become
 the context turns (`inference.Request.context`); the last one must be the user's. A system
 message is accepted and ignored: the model always answers with its own system prompt for the
 reply language (`lang`, default the run's target language), the kind of prompt it was trained
-with. Honoured: `temperature` (0 = greedy), `top_p`,
-`max_tokens` (or `max_completion_tokens`), `seed` (an integer >= 0, default 0: the same
-request gets the same reply); extra fields `style` ("empathy" or "default") and `lang` (e.g.
-"zh", "yue"; default: the run's target language). `n` must be 1 and `stream` false.
-`finish_reason` is always "stop" and no token usage is reported. A blank message before the
-last is dropped (a client may send back an empty reply); the last must not be blank.
+with. Honoured: `temperature` (0 = greedy), `top_p`, `max_tokens` (or
+`max_completion_tokens`), `seed` (an integer >= 0, default 0: the same request gets the same
+reply), `stream`; extra fields `style` ("empathy" or "default"), `empathy` (the dial w: 0 the
+default style, 1 the empathy style, in between or beyond), `guidance` (classifier-free
+guidance on the context, 1 = none) and `lang` (e.g. "zh", "yue"; default: the run's target
+language). `n` must be 1; other fields are ignored. `finish_reason` is always "stop" and no
+token usage is reported. A blank message before the last is dropped (a client may send back
+an empty reply); the last must not be blank.
 
-Bad requests (a body that is not UTF-8 JSON, unknown roles, no messages, a blank last message,
-an oversize body, values out of range, another model's name, a prompt that `max_tokens` leaves
-no room for, an unknown route or method) get a 4xx answer with an OpenAI-style error object,
-found before the request joins a batch; a failure inside the model answers 500 to the requests
-of that batch and the server keeps serving.
+Streaming (`"stream": true`): server-sent events in OpenAI's chunk format, one `data: {...}`
+event per piece of text as the batch decodes it (the first carries the role), a last chunk
+with the finish reason, then `data: [DONE]`. The pieces concatenate to the reply the same
+request gets without streaming. A client that leaves mid-stream frees its row: the batch masks
+it and decodes on for the others.
 
-Batching: requests are read on threads and handed to one worker thread, which runs the model
-on up to `--max-batch` requests at once: those with the same sampling settings that arrived
-while the model was busy, or within `--batch-wait-ms` of the oldest waiting request. Every
-request draws its randomness from its own seed (`inference.Request.seed`), so its reply is the
-same whether it ran alone or with others (up to rounding where a device's kernels differ by
-batch size). Batches are padded to a power of two (repeating a
-request, whose extra replies are dropped) so that few batch shapes compile.
+Bad requests (a body that is not UTF-8 JSON, fields of the wrong type or out of range, unknown
+roles, no messages, a blank last message, an oversize body, another model's name, a prompt
+that `max_tokens` leaves no room for, an unknown route or method, a malformed HTTP request)
+get a 4xx answer with OpenAI's error object {"error": {"message", "type", "param", "code"}},
+found before the request joins a batch; a failure inside the model answers 500 to the
+requests of that batch (an error event to those streaming) and the server keeps serving.
+
+Batching: requests are read on uvicorn's event loop and handed to one worker thread, which
+runs the model on up to `--max-batch` requests at once: those with the same sampling settings
+that arrived while the model was busy, or within `--batch-wait-ms` of the oldest waiting
+request; streaming and plain requests share batches. Every request draws its randomness from
+its own seed (`inference.Request.seed`), so its reply is the same whether it ran alone or with
+others (up to rounding where a device's kernels differ by batch size). Batches are padded to a
+power of two (repeating a request, whose row is stopped at once) so that few batch shapes
+compile.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import json
+import socket
 import sys
 import threading
 import time
 import traceback
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+import h11
+import numpy as np
+import uvicorn
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
+from starlette.exceptions import HTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 MAX_BODY_BYTES = 1 << 20
-ROLES = ("system", "user", "assistant")
-ROUTES = {"/v1/chat/completions": "POST", "/v1/models": "GET"}  # path: its one method
+BODY_TIMEOUT_S = 60.0  # how long a client may take to send its body
 
 
 class RequestError(ValueError):
     """A request the server refuses; `status` is the HTTP status to answer with."""
 
-    def __init__(self, message: str, status: int = 400, param: str | None = None):
-        super().__init__(message)
-        self.status, self.param = status, param
-
-
-def _text(content: Any, index: int) -> str:
-    """A message's text: a string, or OpenAI's list of {"type": "text", "text": ...} parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(
-        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-        for p in content
+    def __init__(
+        self,
+        message: str,
+        status: int = 400,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
     ):
-        return "".join(p["text"] for p in content)
-    raise RequestError(
-        "content must be a string or a list of text parts", param=f"messages[{index}].content"
-    )
+        super().__init__(message)
+        self.status, self.param, self.headers = status, param, headers
 
 
-def _number(
-    body: dict, name: str, default: float, low: float, high: float, open_low: bool = False
-) -> float:
-    value = body.get(name)
-    if value is None:
-        return default
-    # NaN fails both comparisons; JSON's Infinity fails the upper one.
-    inside = (
-        isinstance(value, int | float) and low <= value <= high and not (open_low and value == low)
-    )
-    if isinstance(value, bool) or not inside:
-        interval = f"{'(' if open_low else '['}{low}, {high}]"
-        raise RequestError(f"{name} must be a number in {interval}", param=name)
-    return value
+# Request and response bodies: the fields of OpenAI's chat completion API this server reads
+# and writes. Numbers are strict (no "8" for 8, no true for 1), as the API documents them.
 
 
-def _integer(body: dict, name: str, low: int) -> int | None:
-    value = body.get(name)
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
-        raise RequestError(f"{name} must be an integer >= {low}", param=name)
-    return value
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str  # OpenAI's list of {"type": "text", "text": ...} parts is joined
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text(cls, content: Any) -> str:
+        if isinstance(content, str):
+            return content
+        if isinstance(content, list) and all(
+            isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+            for p in content
+        ):
+            return "".join(p["text"] for p in content)
+        # One error naming the field, not one per member of a str | list[...] union.
+        raise PydanticCustomError("content_type", "must be a string or a list of text parts")
 
 
-def parse_chat(body: Any, model_name: str, default_lang: str) -> tuple[Any, Any]:
-    """The (inference.Request, inference.Options) of a chat completion body; RequestError if
-    the body is not one this server can answer."""
+class ChatRequest(BaseModel):
+    """A chat completion request; fields other clients send and this server does not use
+    (`user`, `stream_options`, ...) are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: StrictStr | None = None
+    messages: list[Message] = Field(min_length=1)
+    temperature: StrictFloat | None = Field(None, ge=0, le=2, allow_inf_nan=False)
+    top_p: StrictFloat | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    n: StrictInt = Field(1, ge=1, le=1)
+    stream: StrictBool = False
+    seed: StrictInt | None = Field(None, ge=0)
+    # This server's own: see `inference.Request`.
+    style: StrictStr = "empathy"
+    lang: StrictStr | None = None
+    empathy: StrictFloat | None = Field(None, allow_inf_nan=False)
+    guidance: StrictFloat = Field(1.0, allow_inf_nan=False)
+
+
+class ReplyMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: ReplyMessage
+    finish_reason: Literal["stop"] = "stop"
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: dict[str, str]  # {"role": ...} first, then {"content": ...}, {} with the finish
+    finish_reason: Literal["stop"] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "lisendiff-jax"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+def error_body(status: int, message: str, param: str | None = None) -> dict:
+    """OpenAI's error object."""
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
+def _error(
+    status: int, message: str, param: str | None = None, headers: dict | None = None
+) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param), status, headers)
+
+
+def _param(loc: Sequence[str | int]) -> str | None:
+    """A pydantic error location as OpenAI names the parameter: messages[3].content."""
+    name = ""
+    for part in loc:
+        name += f"[{part}]" if isinstance(part, int) else f"{'.' if name else ''}{part}"
+    return name or None
+
+
+def parse_chat(chat: ChatRequest, model_name: str, default_lang: str) -> tuple[Any, Any]:
+    """The (inference.Request, inference.Options) of a validated chat completion body;
+    RequestError if it is not one this server can answer."""
     from lisendiff_jax.infer.inference import InputError, Options, Request
 
-    if not isinstance(body, dict):
-        raise RequestError("the body must be a JSON object")
-    if body.get("model") not in (None, model_name):
+    if chat.model not in (None, model_name):
         raise RequestError(
-            f"model {body.get('model')!r} not served here; this server serves {model_name!r}",
+            f"model {chat.model!r} not served here; this server serves {model_name!r}",
             status=404,
             param="model",
         )
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise RequestError("messages must be a non-empty list", param="messages")
-    turns, roles, last = [], [], 0
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise RequestError(f"messages[{i}] must be an object", param=f"messages[{i}]")
-        if message.get("role") not in ROLES:
-            raise RequestError(
-                f"messages[{i}].role must be one of {', '.join(ROLES)}", param=f"messages[{i}]"
-            )
-        text = _text(message.get("content"), i)
-        if message["role"] != "system":
-            turns.append(text)
-            roles.append(message["role"])
-            last = i
-    if not roles or roles[-1] != "user":
+    spoken = [(i, m) for i, m in enumerate(chat.messages) if m.role != "system"]
+    if not spoken or spoken[-1][1].role != "user":
         raise RequestError("the last non-system message must be the user's", param="messages")
-    if not turns[-1].strip():  # a blank earlier turn is dropped, but this one is the question
+    last = spoken[-1][0]
+    if not chat.messages[last].content.strip():  # a blank earlier turn is dropped, not this
         raise RequestError(f"messages[{last}].content is blank", param=f"messages[{last}]")
-    if body.get("stream") not in (None, False):
-        raise RequestError("stream is not supported", param="stream")
-    if isinstance(body.get("n"), bool) or body.get("n", 1) != 1:
-        raise RequestError("n must be 1", param="n")
-    tokens_field = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-    max_tokens = _integer(body, tokens_field, 1)
-    seed = _integer(body, "seed", 0)
-    for name in ("style", "lang"):
-        if not isinstance(body.get(name, ""), str):
-            raise RequestError(f"{name} must be a string", param=name)
     options = Options(
-        temperature=_number(body, "temperature", Options.temperature, 0.0, 2.0),
-        top_p=_number(body, "top_p", Options.top_p, 0.0, 1.0, open_low=True),
-        max_tokens=max_tokens or Options.max_tokens,
+        temperature=Options.temperature if chat.temperature is None else chat.temperature,
+        top_p=Options.top_p if chat.top_p is None else chat.top_p,
+        max_tokens=chat.max_completion_tokens or chat.max_tokens or Options.max_tokens,
     )
     try:
         request = Request(
-            tuple(turns),
-            body.get("style", "empathy"),
-            body.get("lang", default_lang),
-            seed=seed or 0,
+            tuple(m.content for _, m in spoken),
+            chat.style,
+            chat.lang or default_lang,
+            seed=chat.seed or 0,
+            empathy=chat.empathy,
+            guidance=chat.guidance,
         )
     except InputError as err:
         raise RequestError(str(err)) from None
@@ -162,11 +247,15 @@ def parse_chat(body: Any, model_name: str, default_lang: str) -> tuple[Any, Any]
 
 
 @dataclasses.dataclass(eq=False)  # jobs are told apart by identity, not by their fields
-class _Job:
+class Job:
     request: Any  # inference.Request
     options: Any  # inference.Options
     arrived: float  # time.monotonic()
-    future: Future
+    future: Future  # of the inference.Reply, or the model's exception
+    # Streaming: called with each token of the reply as the batch decodes it, on the
+    # decoding thread; it must return at once and not raise.
+    on_token: Callable[[int], None] | None = None
+    cancelled: bool = False  # its client left: the batch stops decoding its row
 
 
 class Batcher:
@@ -179,22 +268,24 @@ class Batcher:
             raise ValueError(f"need max_batch >= 1 and wait >= 0, got {max_batch}, {wait_s}")
         self.listener, self.max_batch, self.wait_s = listener, max_batch, wait_s
         self.batches = 0
-        self._pending: list[_Job] = []
+        self._pending: list[Job] = []
         self._changed = threading.Condition()
         self._closed = False
         self._worker = threading.Thread(target=self._work, name="batcher", daemon=True)
         self._worker.start()
 
-    def submit(self, request: Any, options: Any) -> Future:
-        """A future of the `inference.Reply` to `request`; it holds the model's exception if
-        the batch failed."""
-        job = _Job(request, options, time.monotonic(), Future())
+    def submit(
+        self, request: Any, options: Any, on_token: Callable[[int], None] | None = None
+    ) -> Job:
+        """The job answering `request`: its `future` holds the `inference.Reply`, or the
+        model's exception if the batch failed; set `cancelled` to stop its row."""
+        job = Job(request, options, time.monotonic(), Future(), on_token)
         with self._changed:
             if self._closed:
                 raise RuntimeError("the batcher is closed")
             self._pending.append(job)
             self._changed.notify()
-        return job.future
+        return job
 
     def close(self) -> None:
         """Answers the requests already submitted, then stops the worker."""
@@ -203,10 +294,16 @@ class Batcher:
             self._changed.notify()
         self._worker.join()
 
-    def _take(self) -> list[_Job] | None:
+    def _take(self) -> list[Job] | None:
         """The next batch, waiting for it; None once closed and nothing is left."""
         with self._changed:
-            while not self._pending and not self._closed:
+            while True:
+                # A job whose client left before its batch began is dropped.
+                self._pending = [
+                    j for j in self._pending if not (j.cancelled and j.future.cancel())
+                ]
+                if self._pending or self._closed:
+                    break
                 self._changed.wait()
             if not self._pending:
                 return None
@@ -227,8 +324,19 @@ class Batcher:
             requests = [job.request for job in batch]
             size = min(self.max_batch, 1 << (len(batch) - 1).bit_length())
             padded = requests + requests[-1:] * (size - len(requests))
+
+            def sink(first: int, tokens: np.ndarray, live: np.ndarray, batch=batch) -> np.ndarray:
+                # Every batch decodes with a sink, streaming or not, so that a streamed reply
+                # and a plain one come from the same compiled program: equal bit for bit.
+                stop = np.ones(len(tokens), bool)  # padding rows: nobody reads them
+                for i, job in enumerate(batch):
+                    if live[i] and not job.cancelled and job.on_token is not None:
+                        job.on_token(int(tokens[i]))
+                    stop[i] = job.cancelled
+                return stop
+
             try:
-                replies = self.listener.reply(padded, batch[0].options, size)
+                replies = self.listener.reply(padded, batch[0].options, size, sink=sink)
             except Exception as err:  # the callers answer 500; the worker goes on
                 for job in batch:
                     job.future.set_exception(err)
@@ -238,11 +346,25 @@ class Batcher:
             self.batches += 1
 
 
-class ChatServer(ThreadingHTTPServer):
-    """A threaded HTTP server around one `inference.Listener`, run by a `Batcher`."""
+class _JSONErrorsH11(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, answering a request it cannot parse (a malformed request
+    line or header, a negative Content-Length) in the API's JSON rather than plain text."""
 
-    daemon_threads = True
-    request_queue_size = 512  # the default backlog of 5 drops bursts of concurrent clients
+    def send_400_response(self, msg: str) -> None:
+        data = json.dumps(error_body(400, msg)).encode()
+        headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
+        for event in (
+            h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
+            h11.Data(data=data),
+            h11.EndOfMessage(),
+        ):
+            self.transport.write(self.conn.send(event))
+        self.transport.close()
+
+
+class ChatServer:
+    """The FastAPI app around one `inference.Listener`, run by a `Batcher`, served by uvicorn
+    on a socket bound at construction (`server_port`; port 0 picks a free one)."""
 
     def __init__(
         self,
@@ -252,133 +374,190 @@ class ChatServer(ThreadingHTTPServer):
         max_batch: int = 8,
         batch_wait_s: float = 0.005,
     ):
-        self.batcher = Batcher(listener, max_batch, batch_wait_s)
-        super().__init__(address, _Handler)
         self.listener, self.model_name = listener, model_name
         self.default_lang = listener.config.data.target_lang
         self.created = int(time.time())
+        self.body_timeout_s = BODY_TIMEOUT_S
+        self.batcher = Batcher(listener, max_batch, batch_wait_s)
+        self.socket = socket.create_server(address)
+        self.server_port = self.socket.getsockname()[1]
+        self.app = self._app()
+        config = uvicorn.Config(
+            self.app,
+            http=_JSONErrorsH11,
+            lifespan="off",
+            log_level="warning",
+            access_log=False,  # one line per request would drown the console under load
+            backlog=2048,  # bursts of concurrent clients
+            timeout_graceful_shutdown=5,
+        )
+        self._uvicorn = uvicorn.Server(config)
+        self._stopped = threading.Event()
+
+    def serve_forever(self) -> None:
+        """Serves until `shutdown` (from another thread) or, on the main thread, Ctrl-C."""
+        try:
+            self._uvicorn.run(sockets=[self.socket])
+        finally:
+            self._stopped.set()
+
+    def shutdown(self) -> None:
+        """Stops `serve_forever` and waits for it, if it runs."""
+        self._uvicorn.should_exit = True
+        if self._uvicorn.started:
+            self._stopped.wait()
 
     def server_close(self) -> None:
-        super().server_close()
+        self.socket.close()
         self.batcher.close()
 
-    def complete(self, body: Any) -> dict:
-        """The chat completion object answering `body`."""
-        request, options = parse_chat(body, self.model_name, self.default_lang)
-        try:  # here, not in the batch: one request's fault must not fail the others
-            self.listener.prepare(options)
-            self.listener.check(request, options)
-        except ValueError as err:
-            raise RequestError(str(err)) from None
-        reply = self.batcher.submit(request, options).result()
-        return {
-            "id": f"chatcmpl-{uuid.uuid4().hex}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": self.model_name,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": reply.text},
-                    "finish_reason": "stop",
-                }
-            ],
-        }
+    def _app(self) -> FastAPI:
+        app = FastAPI(title="LisenDiff-JAX", docs_url=None, redoc_url=None)
 
+        @app.exception_handler(RequestValidationError)
+        async def invalid(request: HTTPRequest, exc: RequestValidationError) -> JSONResponse:
+            error = exc.errors()[0]  # OpenAI names one parameter
+            loc = [part for part in error["loc"] if part != "body"]  # FastAPI's prefix
+            param = _param(loc)
+            if error["type"] == "json_invalid":
+                return _error(400, f"the body is not valid UTF-8 JSON: {error['msg']}")
+            if param is None:
+                return _error(400, f"the body must be a JSON object: {error['msg']}")
+            return _error(400, f"{param}: {error['msg']}", param)
 
-class _Handler(BaseHTTPRequestHandler):
-    server: ChatServer
-    protocol_version = "HTTP/1.1"  # keep-alive: clients reuse their connections
-    timeout = 60  # seconds a client may stall (an idle connection, a body cut short)
+        @app.exception_handler(RequestError)
+        async def refused(request: HTTPRequest, exc: RequestError) -> JSONResponse:
+            return _error(exc.status, str(exc), exc.param, exc.headers)
 
-    def log_message(self, format: str, *args: Any) -> None:
-        pass  # one line per request would drown the console under load
+        @app.exception_handler(HTTPException)
+        async def routing(request: HTTPRequest, exc: HTTPException) -> JSONResponse:
+            where = f"{request.method} {request.url.path}"
+            if exc.status_code == 404:
+                return _error(404, f"no route {where}")
+            if exc.status_code == 405:
+                allowed = (exc.headers or {}).get("Allow", "")
+                message = f"{request.url.path} answers {allowed}, not {request.method}"
+                return _error(405, message, headers=exc.headers)
+            return _error(exc.status_code, f"{where}: {exc.detail}", headers=exc.headers)
 
-    def _send(self, status: int, payload: dict, headers: dict | None = None) -> None:
-        data = json.dumps(payload, ensure_ascii=False).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json; charset=utf-8")
-        self.send_header("Content-Length", str(len(data)))
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(data)
+        @app.get("/v1/models")
+        async def models() -> ModelList:
+            return ModelList(data=[ModelCard(id=self.model_name, created=self.created)])
 
-    def _error(
-        self, status: int, message: str, param: str | None = None, headers: dict | None = None
-    ) -> None:
-        kind = "server_error" if status >= 500 else "invalid_request_error"
-        error = {"message": message, "type": kind, "param": param, "code": None}
-        self._send(status, {"error": error}, headers)
-
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        # http.server's own refusals (a malformed request line, an unknown method, headers
-        # too long) answer in the API's JSON, not in HTML.
-        self.close_connection = True
-        self._error(code, message or HTTPStatus(code).phrase)
-
-    def _routed(self) -> bool:
-        """Whether this method and path are served; answers 404 or 405 if not."""
-        method = ROUTES.get(self.path.partition("?")[0].rstrip("/"))
-        if method == self.command:
-            return True
-        self.close_connection = True  # the unread body would corrupt the next request
-        if method is None:
-            self._error(HTTPStatus.NOT_FOUND, f"no route {self.command} {self.path}")
-        else:
-            self._error(
-                HTTPStatus.METHOD_NOT_ALLOWED,
-                f"{self.path} answers {method}, not {self.command}",
-                headers={"Allow": method},
+        @app.post("/v1/chat/completions", response_model=None)
+        async def completions(http: HTTPRequest) -> ChatCompletion | StreamingResponse:
+            # The body is read here rather than declared as a parameter: its size and read
+            # time are bounded, and it is parsed as UTF-8 JSON whatever its Content-Type.
+            try:
+                chat = ChatRequest.model_validate_json(await self._body(http))
+            except ValidationError as err:
+                raise RequestValidationError(err.errors()) from None
+            request, options = parse_chat(chat, self.model_name, self.default_lang)
+            try:  # here, not in the batch: one request's fault must not fail the others
+                self.listener.prepare(options)
+                self.listener.check(request, options)
+            except ValueError as err:
+                raise RequestError(str(err)) from None
+            if chat.stream:
+                return self._stream(request, options)
+            job = self.batcher.submit(request, options)
+            try:
+                reply = await asyncio.wrap_future(job.future)
+            except asyncio.CancelledError:
+                job.cancelled = True
+                raise
+            except Exception as err:
+                return JSONResponse(self._model_error(err), 500)
+            return ChatCompletion(
+                id=f"chatcmpl-{uuid.uuid4().hex}",
+                created=int(time.time()),
+                model=self.model_name,
+                choices=[Choice(message=ReplyMessage(content=reply.text))],
             )
-        return False
 
-    do_PUT = do_PATCH = do_DELETE = _routed  # none is served: 404 or 405
+        return app
 
-    def do_GET(self) -> None:
-        if not self._routed():
-            return
-        model = {
-            "id": self.server.model_name,
-            "object": "model",
-            "created": self.server.created,
-            "owned_by": "lisendiff-jax",
-        }
-        self._send(HTTPStatus.OK, {"object": "list", "data": [model]})
+    async def _body(self, http: HTTPRequest) -> bytes:
+        close = {"Connection": "close"}  # an unread body would corrupt the next request
+        length = http.headers.get("content-length")
+        if length is None:
+            raise RequestError("a Content-Length header is required", 411, headers=close)
+        if int(length) > MAX_BODY_BYTES:  # h11 has checked that it is digits
+            raise RequestError(f"body over {MAX_BODY_BYTES} bytes", 413, headers=close)
+        try:
+            return await asyncio.wait_for(http.body(), self.body_timeout_s)
+        except TimeoutError:
+            message = f"the body did not arrive within {self.body_timeout_s:g} s"
+            raise RequestError(message, 408, headers=close) from None
 
-    def do_POST(self) -> None:
-        if not self._routed():
-            return
+    @staticmethod
+    def _model_error(err: Exception) -> dict:
+        """The error body answering a batch that failed, logged: answer, log, serve on."""
+        traceback.print_exception(err, file=sys.stderr)
+        return error_body(500, f"model error: {type(err).__name__}")
+
+    def _stream(self, request: Any, options: Any) -> StreamingResponse:
+        """The response streaming `request`'s reply; call on the event loop."""
+        loop = asyncio.get_running_loop()
+        tokens: asyncio.Queue[int | None] = asyncio.Queue()  # None: the reply is done
+
+        def put(token: int | None) -> None:  # from the decoding thread
+            try:
+                loop.call_soon_threadsafe(tokens.put_nowait, token)
+            except RuntimeError:  # the loop is closed: the server is stopping, nobody reads
+                pass
+
+        job = self.batcher.submit(request, options, put)
+        job.future.add_done_callback(lambda _: put(None))
+        return _EventStream(self._events(job, tokens), job)
+
+    async def _events(self, job: Job, tokens: asyncio.Queue[int | None]) -> AsyncIterator[str]:
+        """The server-sent events of `job`'s reply, from its tokens as they come."""
+        ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def event(delta: dict[str, str], finish: Literal["stop"] | None = None) -> str:
+            choice = ChunkChoice(delta=delta, finish_reason=finish)
+            chunk = ChatCompletionChunk(
+                id=ident, created=created, model=self.model_name, choices=[choice]
+            )
+            return f"data: {chunk.model_dump_json()}\n\n"
+
+        yield event({"role": "assistant", "content": ""})
+        drawn, sent = [], ""
+        while (token := await tokens.get()) is not None:
+            drawn.append(token)
+            # The whole text so far, as the reply will be written: a token may end inside a
+            # multi-byte character, or decode differently once the next one comes, so only
+            # text that extends what was sent goes out.
+            text = self.listener.text(drawn)
+            if len(text) > len(sent) and text.startswith(sent):
+                yield event({"content": text[len(sent) :]})
+                sent = text
         try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            self.close_connection = True
-            self._error(HTTPStatus.LENGTH_REQUIRED, "a Content-Length header is required")
+            reply = job.future.result()
+        except Exception as err:
+            yield f"data: {json.dumps(self._model_error(err))}\n\n"
             return
-        if length > MAX_BODY_BYTES:
-            self.close_connection = True
-            self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {MAX_BODY_BYTES} bytes")
-            return
-        if length < 0:  # read(-1) would wait for the client to close
-            self.close_connection = True
-            self._error(HTTPStatus.BAD_REQUEST, f"Content-Length {length} is negative")
-            return
+        if len(reply.text) > len(sent) and reply.text.startswith(sent):
+            yield event({"content": reply.text[len(sent) :]})
+        yield event({}, "stop")
+        yield "data: [DONE]\n\n"
+
+
+class _EventStream(StreamingResponse):
+    """Server-sent events of a job, which is cancelled when the response ends however it
+    ends: a client that leaves cancels the response while it waits for a token or while it
+    sends one, and its row is then stopped."""
+
+    def __init__(self, events: AsyncIterator[str], job: Job):
+        super().__init__(events, media_type="text/event-stream")
+        self.job = job
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
-            body = json.loads(self.rfile.read(length).decode("utf-8"))
-        except UnicodeDecodeError as err:
-            self._error(HTTPStatus.BAD_REQUEST, f"the body is not UTF-8: {err}")
-            return
-        # ValueError: also an integer past Python's digit limit; RecursionError: deep nesting.
-        except (ValueError, RecursionError) as err:
-            self._error(HTTPStatus.BAD_REQUEST, f"the body is not valid JSON: {err}")
-            return
-        try:
-            self._send(HTTPStatus.OK, self.server.complete(body))
-        except RequestError as err:
-            self._error(err.status, str(err), err.param)
-        except Exception as err:  # the model failed: answer, log, and keep serving
-            traceback.print_exc(file=sys.stderr)
-            self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"model error: {type(err).__name__}")
+            await super().__call__(scope, receive, send)
+        finally:
+            self.job.cancelled = True
 
 
 def make_server(

@@ -72,8 +72,8 @@ def test_retrieve_ranks_a_constructed_case(tiny_workdir, tmp_path, capsys, monke
     sums, table = {}, {}
     real_sampled_latents = analysis.sampled_latents
 
-    def sample_then_embed_known(listener, situations, samples, seed):
-        sampled = real_sampled_latents(listener, situations, samples, seed)
+    def sample_then_embed_known(listener, situations, samples, seed, empathy=None):
+        sampled = real_sampled_latents(listener, situations, samples, seed, empathy)
         rng = np.random.RandomState(0)
         for style, latents in sampled.items():
             sums[style] = unit(latents).sum(axis=0)

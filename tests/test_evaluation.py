@@ -234,8 +234,8 @@ def test_speaker_prompt_follows_the_situation():
     messages = speaker_messages(situation, [{"role": "speaker", "text": "好唔開心"}])
     assert "我隻貓走咗" in messages[0]["content"] and "廣東話" in messages[0]["content"]
     assert [m["role"] for m in messages] == ["system", "user", "assistant"]
-    with pytest.raises(ValueError, match="no speaker prompt"):
-        speaker_messages(Situation("x", "fr", "negative", "sad", "..."), [])
+    with pytest.raises(ValueError, match="no speaker prompt for language 'french'"):
+        speaker_messages(Situation("x", "french", "negative", "sad", "..."), [])
 
 
 def test_report_tables_and_chart(tmp_path):

@@ -79,8 +79,9 @@ def test_each_language_has_its_own_system_prompt(tokenizer):
     for lang in ("en", "ja", "zh", "yue"):
         encoded = encode_chat(tokenizer, ["hi"], system_prompt(lang), 1024, "hello")
         assert system_prompt(lang) in tokenizer.decode(encoded.input_ids)
-    with pytest.raises(ValueError, match="pass your own"):
-        system_prompt("xx")
+    with pytest.raises(ValueError, match=r"^no system prompt for language 'ko' \(Korean\) \(have"):
+        system_prompt("ko")
+    assert system_prompt("ko", {"ko": "한국어로"}) == "한국어로"
 
 
 def test_no_system_prompt_leaves_out_the_system_turn(tokenizer):

@@ -151,7 +151,7 @@ def test_bad_input_gives_one_line_errors(tiny_workdir, capsys, tmp_path):
     bad.write_text('{"context": ["fine"], "seed": "five"}\n')
     assert f"{bad}:1: seed must be an integer" in _one_line_error(capsys, *w, "--input", str(bad))
     bad.write_text('{"context": ["fine"], "lang": "fr"}\n')
-    assert f"{bad}:1: no built-in system prompt for language 'fr'" in _one_line_error(
+    assert f"{bad}:1: no system prompt for language 'fr' (French)" in _one_line_error(
         capsys, *w, "--input", str(bad)
     )
     context_error = (

@@ -74,10 +74,11 @@ def random_batch(rng, batch=2, seq=12, vocab=128, n_latents=1):
     }
 
 
-def build(checkpoint, lisendiff=True, n_latents=1):
+def build(checkpoint, lisendiff=True, n_latents=1, context_dropout=0.0):
     c = tiny_model_config(lisendiff)
     c.model.param_dtype = c.model.compute_dtype = "float32"
     c.model.cross_attention.num_latents = n_latents
+    c.model.denoiser.context_dropout = context_dropout
     model = LisenDiff(load_backbone(checkpoint), c.model, D_ENC, rngs=nnx.Rngs(0))
     return c, model
 
@@ -573,8 +574,9 @@ def test_a_language_without_a_prompt_stops_before_encoding_or_weights(tmp_path, 
     with pytest.raises(ConfigError) as error:
         Trainer(config, tmp_path / "w", progress=False)
     assert str(error.value) == (
-        "--config.data.sources.mine: language 'fr' has no built-in system prompt "
-        "(have en, ja, yue, zh); set --config.data.train_prompt=target or none"
+        "--config.data.sources.mine: language 'fr' (French) has no system prompt (have en, ja, "
+        "yue, zh); give one in a JSON file of language -> prompt with "
+        "--config.data.prompts=FILE, or set --config.data.train_prompt=target or none"
     )
 
 
@@ -587,6 +589,25 @@ def test_a_max_length_shorter_than_the_system_prompt_names_the_option(tmp_path, 
     config = prompt_config(tmp_path, "example", langs=("en",))
     config.data.max_length = 16  # the English system prompt alone is longer
     with pytest.raises(ConfigError, match=r"^--config\.data\.max_length: max_length=16 leaves no"):
+        Trainer(config, tmp_path / "w", progress=False)
+
+
+def test_a_target_prompt_longer_than_max_length_stops_training_before_it_starts(
+    tmp_path, monkeypatch
+):
+    # Training without system prompts fits, but replies would be sampled with the target
+    # language's prompt, which does not: the run must stop now, not after training.
+    def never(*args, **kwargs):
+        raise AssertionError("reached past encoding")
+
+    for name in ("make_encoder", "load_backbone"):
+        monkeypatch.setattr(loop, name, never)
+    config = prompt_config(tmp_path, "none", langs=("en",))
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({"ko": "한국어로 답하세요. " * 100}))
+    config.data.prompts, config.data.target_lang = str(prompts), "ko"
+    config.data.max_length = 64
+    with pytest.raises(ConfigError, match=r"^--config\.data\.max_length: max_length=64 leaves no"):
         Trainer(config, tmp_path / "w", progress=False)
 
 

@@ -6,12 +6,16 @@ the cache slot they write next.
 
 Every row samples from its own key: the token at step s of row i is drawn with
 fold_in(keys[i], s), so a row's continuation does not depend on which rows share its batch.
+
+A `TokenHook` sees each step's tokens while the loop runs (a server streams them) and may stop
+rows (a client that left); the other rows' tokens do not change.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import chex
@@ -64,6 +68,12 @@ def sample_next(logits: jax.Array, keys: jax.Array, params: SamplingParams) -> j
     return draw(keys, logits).astype(jnp.int32)
 
 
+# (tokens [batch] int32, live [batch] bool: the rows that drew theirs this step, i.e. were not
+# done before it) -> [batch] bool: rows to stop, done from then on. Called under jit once per
+# step, in order (each call's result feeds the next step).
+TokenHook = Callable[[jax.Array, jax.Array], jax.Array]
+
+
 class _LoopState(NamedTuple):
     step: jax.Array  # [] int32: tokens written so far
     tokens: jax.Array  # [batch, max_new_tokens]
@@ -79,11 +89,13 @@ def decode(
     keys: jax.Array,  # [batch] PRNG keys, one per row
     params: SamplingParams,
     forward_kwargs: dict | None = None,
+    on_tokens: TokenHook | None = None,
 ) -> Generation:
     """Prefill and decode loop as a pure function of the model; call it under jit.
 
     `forward_kwargs` are passed to every model call (the LisenDiff model uses them for its
-    latents); the plain backbone takes none.
+    latents); the plain backbone takes none. `on_tokens` sees every step's tokens; a row it
+    stops gets pad tokens from the next step on, and its length is then no reply's.
     """
     chex.assert_rank(input_ids, 2)
     chex.assert_equal_shape([input_ids, attention_mask])
@@ -97,11 +109,14 @@ def decode(
     logits, cache = model.forward(input_ids, attention_mask, cache=cache, **forward_kwargs)
     first = sample_next(logits[:, -1], step_keys(keys, 0), params)
     tokens = jnp.full((batch, params.max_new_tokens), params.pad_token_id, jnp.int32)
+    done = jnp.isin(first, eos)
+    if on_tokens is not None:
+        done = done | on_tokens(first, jnp.ones((batch,), bool))
     state = _LoopState(
         step=jnp.ones((), jnp.int32),
         tokens=tokens.at[:, 0].set(first),
         last=first,
-        done=jnp.isin(first, eos),
+        done=done,
         cache=cache,
     )
 
@@ -113,11 +128,14 @@ def decode(
         logits, cache = model.forward(s.last[:, None], ones, cache=s.cache, **forward_kwargs)
         drawn = sample_next(logits[:, -1], step_keys(keys, s.step), params)
         nxt = jnp.where(s.done, params.pad_token_id, drawn)
+        done = s.done | jnp.isin(nxt, eos)
+        if on_tokens is not None:
+            done = done | on_tokens(nxt, ~s.done)
         return _LoopState(
             step=s.step + 1,
             tokens=jax.lax.dynamic_update_slice(s.tokens, nxt[:, None], (0, s.step)),
             last=nxt,
-            done=s.done | jnp.isin(nxt, eos),
+            done=done,
             cache=cache,
         )
 

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from lisendiff_jax.data.errors import BadRecord, DataError
+from lisendiff_jax.data.languages import is_language_tag
 from lisendiff_jax.data.readers._common import parse_json, read_lines, require, resolve_glob
 
 SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
@@ -41,7 +42,9 @@ class Situation:
 def load_situations(path: str | os.PathLike[str]) -> list[Situation]:
     """Situations from a JSONL file, or from every .jsonl file in a directory.
 
-    Fields: id, lang ("zh", "yue", ...), polarity ("positive"/"negative"), emotion, situation.
+    Fields: id, lang (a language tag: "zh", "yue", "ko", ...), polarity ("positive" or
+    "negative"), emotion, situation; the bundled files are Mandarin and Cantonese, a user's
+    may be in any language.
     """
     path = Path(path)
     if not path.exists():
@@ -63,6 +66,8 @@ def _situation(record: object) -> Situation:
     for name, value in fields.items():
         if not value:
             raise BadRecord(f"empty field {name!r}")
+    if not is_language_tag(fields["lang"]):
+        raise BadRecord(f"lang {fields['lang']!r} is not a language tag (e.g. 'zh', 'ko')")
     if fields["polarity"] not in POLARITIES:
         raise BadRecord(f"polarity should be one of {POLARITIES}, got {fields['polarity']!r}")
     return Situation(**fields)

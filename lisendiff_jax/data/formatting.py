@@ -33,9 +33,11 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from lisendiff_jax.data.example import Example
+from lisendiff_jax.data.languages import describe
 
 # One prompt per language the listener speaks, keyed by language code: zh = Mandarin, yue =
-# Cantonese. Each asks for a short, empathetic reply in that language.
+# Cantonese. Each asks for a short, empathetic reply in that language. Other languages take
+# theirs from a prompts file (config `data.prompts`, languages.py).
 SYSTEM_PROMPTS: Mapping[str, str] = {
     "en": (
         "You are a warm and attentive listener. Reply in English. Notice how the other person "
@@ -83,14 +85,14 @@ class Encoded:
         return (np.arange(len(self.input_ids)) >= self.prompt_length).astype(np.int32)
 
 
-def system_prompt(lang: str) -> str:
-    """The built-in system prompt for a language code ("en", "ja", "zh", "yue")."""
+def system_prompt(lang: str, prompts: Mapping[str, str] = SYSTEM_PROMPTS) -> str:
+    """The system prompt for language `lang` among `prompts` (a run's: config.system_prompts;
+    by default the built-in ones); ValueError naming the language if it has none."""
     try:
-        return SYSTEM_PROMPTS[lang]
-    except KeyError:
+        return prompts[lang]
+    except (KeyError, TypeError):  # TypeError: a lang that is no string (a JSON list)
         raise ValueError(
-            f"no built-in system prompt for language {lang!r} (have {sorted(SYSTEM_PROMPTS)}); "
-            "pass your own prompt text instead"
+            f"no system prompt for language {describe(lang)} (have {', '.join(sorted(prompts))})"
         ) from None
 
 
@@ -227,9 +229,7 @@ def encode_examples(
     def prompt_for(example: Example) -> str | None:
         if system is None or isinstance(system, str):
             return system
-        if example.lang not in system:
-            raise ValueError(f"no system prompt for language {example.lang!r}")
-        return system[example.lang]
+        return system_prompt(example.lang, system)
 
     return [
         encode_chat(tokenizer, ex.context, prompt_for(ex), max_length, ex.response)

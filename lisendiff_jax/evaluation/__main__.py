@@ -3,6 +3,7 @@
     python -m lisendiff_jax.evaluation simulate --system ours --out runs/eval/transcripts.jsonl \\
         --speaker-url http://host/v1 --speaker-model gpt-4o --speaker-key-env OPENAI_API_KEY \\
         --listener-url http://127.0.0.1:8000/v1 --listener-model tiny
+    python -m lisendiff_jax.evaluation simulate --system ours --empathy 0,1,2 ...  # a dial sweep
     python -m lisendiff_jax.evaluation rate --transcripts runs/eval/transcripts.jsonl \\
         --out runs/eval/ratings.jsonl --judge-url ... --judge-model ...
     python -m lisendiff_jax.evaluation compare --x ours --y base ... --out runs/eval/ab.jsonl
@@ -12,12 +13,16 @@
 Every role is an OpenAI-compatible endpoint: --ROLE-url, --ROLE-model, --ROLE-key-env (the
 name of the environment variable holding the API key; the key itself is never printed) and
 --ROLE-extra (a JSON object sent with every request, e.g. '{"style": "empathy"}' for our
-server). Situations default to the bundled Mandarin and Cantonese ones. Every finished
-conversation, rating and A/B judgment (one order of one pair) is appended to --out as it is
-made, so a run again with the same --out resumes: it repeats and loses none. Judge failures
-(replies that never parsed) are written to the output file's `.failures.jsonl` sibling and
-counted on stderr, never in the results; a rerun asks for them again. The report reads the
-files that rate and compare wrote; a pair judged in one order only is left out of it.
+server). `simulate --empathy 0,1,2` sweeps the empathy dial of our server: one listener per
+setting w, named SYSTEM@w=W, each sending {"empathy": W} (0: the default style, 1: the
+empathy style, 2: past it); `rate` then rates them all and `report` tables them side by side.
+Situations default to the bundled Mandarin and Cantonese ones; --situations FILE takes a
+user's in any language (the same fields; the speaker and judge prompts name the language).
+Every finished conversation, rating and A/B judgment (one order of one pair) is appended to
+--out as it is made, so a run again with the same --out resumes: it repeats and loses none.
+Judge failures (replies that never parsed) are written to the output file's `.failures.jsonl`
+sibling and counted on stderr, never in the results; a rerun asks for them again. The report
+reads the files that rate and compare wrote; a pair judged in one order only is left out of it.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lisendiff_jax.data.bundled import load_situations, sample_path
+from lisendiff_jax.data.example import parse_dial
 from lisendiff_jax.errors import UserError
 from lisendiff_jax.evaluation.client import Client, Endpoint
 from lisendiff_jax.evaluation.judge import compare, outcomes, rate
@@ -45,10 +51,17 @@ def _role(p: argparse.ArgumentParser, role: str) -> None:
     g.add_argument(f"--{role}-extra", type=json.loads, default={}, help="JSON object")
 
 
-def _client(args: argparse.Namespace, role: str) -> Client:
+def _client(args: argparse.Namespace, role: str, **extra: object) -> Client:
     get = lambda name: getattr(args, f"{role}_{name}")
-    endpoint = Endpoint(get("url"), get("model"), get("key_env"), get("extra"))
+    endpoint = Endpoint(get("url"), get("model"), get("key_env"), {**get("extra"), **extra})
     return Client(endpoint, concurrency=args.workers, timeout_s=args.timeout)
+
+
+def _listeners(args: argparse.Namespace) -> list[tuple[str, Client]]:
+    """(system name, client) of each listener to simulate: --system, or one per --empathy."""
+    if args.empathy is None:
+        return [(args.system, _client(args, "listener"))]
+    return [(f"{args.system}@w={w:g}", _client(args, "listener", empathy=w)) for w in args.empathy]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -64,7 +77,18 @@ def parser() -> argparse.ArgumentParser:
     _role(s, "speaker")
     _role(s, "listener")
     s.add_argument("--system", required=True, help="the listener's name in the results")
-    s.add_argument("--situations", type=Path, default=sample_path("situations"))
+    s.add_argument(
+        "--empathy",
+        type=parse_dial,
+        metavar="W,...",
+        help="sweep our listener's empathy dial, e.g. 0,1,2 (one system per setting)",
+    )
+    s.add_argument(
+        "--situations",
+        type=Path,
+        default=sample_path("situations"),
+        help="JSONL file or folder of situations, in any language (default: the bundled ones)",
+    )
     s.add_argument("--limit", type=int, help="only the first N situations")
     s.add_argument("--turns", type=int, default=3)
     s.add_argument("--out", type=Path, required=True)
@@ -108,11 +132,12 @@ def _judged(out: Path, results: list[dict], failures: list[dict]) -> None:
 def run(args: argparse.Namespace) -> None:
     if args.command == "simulate":
         situations = load_situations(args.situations)[: args.limit]
-        speaker, listener = _client(args, "speaker"), _client(args, "listener")
-        records = simulate(
-            situations, speaker, listener, args.system, args.out, args.turns, args.workers
-        )
-        print(f"{len(records)} conversation(s) of {args.system} in {args.out}", file=sys.stderr)
+        speaker = _client(args, "speaker")
+        for system, listener in _listeners(args):
+            records = simulate(
+                situations, speaker, listener, system, args.out, args.turns, args.workers
+            )
+            print(f"{len(records)} conversation(s) of {system} in {args.out}", file=sys.stderr)
     elif args.command in ("rate", "compare"):
         transcripts = _read(args.transcripts)
         of = lambda name: [t for t in transcripts if name in (None, t["system"])]

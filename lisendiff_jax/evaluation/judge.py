@@ -25,6 +25,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, TypeVar
 
+from lisendiff_jax.data.languages import language_name
 from lisendiff_jax.evaluation.client import Chat
 from lisendiff_jax.evaluation.jobs import run_jobs
 from lisendiff_jax.evaluation.transcripts import ResultsFile
@@ -104,10 +105,21 @@ def render(transcript: Sequence[dict]) -> str:
     return "\n".join(f"{t['role'].capitalize()}: {t['text']}" for t in transcript)
 
 
-def rating_messages(transcript: Sequence[dict]) -> list[dict]:
+def _language(lang: str) -> str:
+    """What tells the judge the conversation's language."""
+    name = language_name(lang)
+    return (
+        f"The speaker speaks {name} and the listener is meant to reply in {name}; read them "
+        f"as a fluent {name} speaker would. "
+    )
+
+
+def rating_messages(transcript: Sequence[dict], lang: str) -> list[dict]:
     system = (
         "You evaluate a listener's replies in a conversation with a person who shares an "
-        "emotional experience. Judge only the listener, on these metrics:\n"
+        "emotional experience. "
+        + _language(lang)
+        + "Judge only the listener, on these metrics:\n"
         + _rubric()
         + "\nAnswer with one JSON object mapping every metric to an integer from 0 to 10, "
         'e.g. {"empathy": 6, ...}, and nothing else.'
@@ -118,11 +130,12 @@ def rating_messages(transcript: Sequence[dict]) -> list[dict]:
     ]
 
 
-def comparison_messages(a: Sequence[dict], b: Sequence[dict]) -> list[dict]:
+def comparison_messages(a: Sequence[dict], b: Sequence[dict], lang: str) -> list[dict]:
     system = (
         "You compare two listeners, A and B, each talking with a person who shares the same "
-        "emotional experience. For every metric below, say which listener does better, or "
-        "tie:\n"
+        "emotional experience. "
+        + _language(lang)
+        + "For every metric below, say which listener does better, or tie:\n"
         + _rubric()
         + '\nAnswer with one JSON object mapping every metric to "A", "B" or "tie", and '
         "nothing else."
@@ -268,7 +281,8 @@ def rate(
 
     def job(t: dict) -> Callable[[], dict]:
         def run() -> dict:
-            scores = ask(judge, rating_messages(t["turns"]), parse_ratings, attempts, sampling)
+            messages = rating_messages(t["turns"], t["lang"])
+            scores = ask(judge, messages, parse_ratings, attempts, sampling)
             return {"id": t["id"], "system": t["system"], "lang": t["lang"], "scores": scores}
 
         return run
@@ -302,7 +316,7 @@ def compare(
         a, b = (tx, ty) if order == "xy" else (ty, tx)
 
         def run() -> dict:
-            messages = comparison_messages(a["turns"], b["turns"])
+            messages = comparison_messages(a["turns"], b["turns"], tx["lang"])
             verdicts = ask(judge, messages, parse_verdicts, attempts, sampling)
             return {
                 "id": tx["id"],

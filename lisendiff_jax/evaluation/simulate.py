@@ -2,8 +2,9 @@
 the listener under test answers, for a few turns (the paper's section 4.6).
 
 The speaker's prompt is ours and follows the paper's rules: talk about your own situation and
-nothing else, keep every turn short, and say how you feel in the first turn. It is written in
-the situation's language (Mandarin "zh" or Cantonese "yue"), so the speaker speaks it.
+nothing else, keep every turn short, and say how you feel in the first turn. For Mandarin
+("zh") and Cantonese ("yue") it is written in that language, so the speaker speaks it; for any
+other language it is in English and tells the speaker to speak that language, by its name.
 
 Transcripts go to a JSONL file, one finished conversation per line; running again with the
 same file skips the conversations already there, so an interrupted run resumes without
@@ -19,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lisendiff_jax.data.bundled import Situation
+from lisendiff_jax.data.languages import describe, is_language_tag, language_name
 from lisendiff_jax.evaluation.client import Chat
 from lisendiff_jax.evaluation.jobs import run_jobs
 from lisendiff_jax.evaluation.transcripts import ResultsFile
@@ -48,6 +50,18 @@ OPENERS: Mapping[str, str] = {
     "zh": "（请开始聊天，说出你的第一句话。）",
     "yue": "（請開始傾偈，講你第一句說話。）",
 }
+# Every other language: the same rules in English, naming the language to speak.
+SPEAKER_PROMPT = (
+    "Play a real person who is chatting with someone willing to listen.\n"
+    "Your situation: {situation}\nHow you feel now: {emotion}\n"
+    "Rules:\n"
+    "1. Talk only about your own situation and feelings; do not comfort the other person and "
+    "do not ask about their affairs.\n"
+    "2. Say one or two sentences at a time, short and natural as in everyday chat.\n"
+    "3. Say how you feel in your very first sentence.\n"
+    "4. Speak {language} only, and never mention that you are playing a role."
+)
+OPENER = "(Please start the conversation: say your first sentence, in {language}.)"
 
 
 class SimulationError(RuntimeError):
@@ -56,17 +70,16 @@ class SimulationError(RuntimeError):
 
 def speaker_messages(situation: Situation, turns: Sequence[dict]) -> list[dict]:
     """The speaker's view: its own turns are the assistant's, the listener's the user's."""
-    if situation.lang not in SPEAKER_PROMPTS:
-        raise ValueError(
-            f"{situation.id}: no speaker prompt for language {situation.lang!r} "
-            f"(have {', '.join(SPEAKER_PROMPTS)})"
-        )
-    prompt = SPEAKER_PROMPTS[situation.lang].format(
-        situation=situation.situation, emotion=situation.emotion
+    lang = situation.lang
+    if not is_language_tag(lang):
+        raise ValueError(f"{situation.id}: no speaker prompt for language {describe(lang)}")
+    language = language_name(lang)
+    prompt = SPEAKER_PROMPTS.get(lang, SPEAKER_PROMPT).format(
+        situation=situation.situation, emotion=situation.emotion, language=language
     )
     messages = [
         {"role": "system", "content": prompt},
-        {"role": "user", "content": OPENERS[situation.lang]},
+        {"role": "user", "content": OPENERS.get(lang, OPENER).format(language=language)},
     ]
     for turn in turns:
         role = "assistant" if turn["role"] == "speaker" else "user"

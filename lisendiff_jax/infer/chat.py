@@ -3,6 +3,7 @@
     python sample.py --workdir DIR --context "I failed my exam today."
     python sample.py --context "I failed my exam. ||| Oh no, what happened? ||| I froze." --trace
     python sample.py --context "Turn one" --context "Turn two" --style default --lang yue --json
+    python sample.py --context "I failed my exam today." --empathy 2   # past the empathy style
     python sample.py --input requests.jsonl --output replies.jsonl
     python sample.py --chat
     python sample.py --backbone meta-llama/Llama-3.1-8B-Instruct --context "..."   # BaseLLM
@@ -11,6 +12,11 @@ Context turns run oldest first and the newest is the user's; give them as repeat
 options, or within one option separated by " ||| ". --workdir takes a training workdir (a
 LisenDiff or LoRA-only run) or a folder written by `python -m lisendiff_jax.export`; without
 it the embedded default's workdir is used. --backbone samples an untrained backbone.
+
+--empathy W turns the dial between the styles: 0 is the default style, 1 the empathy style
+(what --style gives), values in between mix them and values above 1 push past empathy; it
+overrides --style. --guidance G (1: none) guides the latent by the context, for a model
+trained with --config.model.denoiser.context_dropout > 0.
 
 The --input format and the output's fields are in `REQUESTS` (the end of --help). Every request
 has a seed, echoed with its reply: its own, or --seed plus its place among the file's requests,
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
@@ -45,13 +52,17 @@ separated by ' ||| ' within one.
   context  required: a list of turns, or one string of turns separated by ' ||| '
   id       optional: any JSON value, echoed with the reply
   style    optional: {" or ".join(STYLES)} (default: --style)
-  lang     optional: the system prompt's language, {LANGS} (default: --lang)
+  empathy  optional: the dial w, a number; overrides style (default: --empathy)
+  guidance optional: the guidance scale g, a number (default: --guidance)
+  lang     optional: the reply's language, one the run has a system prompt for: {LANGS}
+           built in, others from the prompts file it trained with (default: --lang)
   seed     optional: an integer (default: --seed plus the request's place among the file's
            requests, 0 for the first); the reply is the one `--context ... --seed SEED` gives
 
 Output: text on stdout, each reply of an --input file after its request's id (or line number)
 and seed. With --json, or into --output, one JSON object per reply: "id" (if given), "seed",
-"context", "style", "lang", "reply", "truncated" (the context was cut to fit the model) and,
+"context", "style", "empathy" (null: the style), "guidance", "lang", "reply", "truncated" (the
+context was cut to fit the model) and,
 with --trace, "trace" (a list of {{"t", "reply"}}); --json adds "latent", the sampled latent
 ([L, d] floats; null for a model without LisenDiff modules).
 """
@@ -72,7 +83,13 @@ def parser() -> argparse.ArgumentParser:
     what = p.add_argument_group("requests")
     what.add_argument("--context", action="append", default=[], help="turn(s), repeatable")
     what.add_argument("--style", choices=STYLES, default="empathy")
-    what.add_argument("--lang", choices=sorted(SYSTEM_PROMPTS), help="default: the run's")
+    what.add_argument(
+        "--empathy", type=float, metavar="W", help="the dial: 0 default, 1 empathy, 2 beyond"
+    )
+    what.add_argument(
+        "--guidance", type=float, default=1.0, metavar="G", help="context guidance (1: none)"
+    )
+    what.add_argument("--lang", help="reply language, e.g. zh or ko (default: the run's)")
     what.add_argument("--input", type=Path, help="JSONL file of requests (format below)")
     what.add_argument("--output", type=Path, help="JSONL file for the replies (fields below)")
     what.add_argument("--chat", action="store_true", help="interactive: keep the conversation")
@@ -162,6 +179,8 @@ def _requests_from_file(
                     record.get("style", args.style),
                     record.get("lang", args.lang),
                     seed,
+                    record.get("empathy", args.empathy),
+                    record.get("guidance", args.guidance),
                 )
                 listener.check(request, options)
             except InputError as err:
@@ -183,6 +202,8 @@ def _record(request, reply, extra: dict, with_latent: bool) -> dict:
         seed=request.seed,
         context=list(request.context),
         style=request.style,
+        empathy=request.empathy,
+        guidance=request.guidance,
         lang=request.lang,
         reply=reply.text,
         truncated=reply.truncated,
@@ -217,7 +238,9 @@ def _chat(listener, options, args: argparse.Namespace, history: list[str]) -> No
         if not line:
             continue
         history.append(line)
-        request = Request(tuple(history), args.style, args.lang)
+        request = Request(
+            tuple(history), args.style, args.lang, empathy=args.empathy, guidance=args.guidance
+        )
         try:
             reply = listener.reply([request], options)[0]
         except InputError as err:  # e.g. a grown prompt and --max-tokens overflow the model
@@ -242,6 +265,10 @@ def run(args: argparse.Namespace, default_workdir: Path | None) -> None:
         raise InputError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    for option in ("empathy", "guidance"):  # before any weights load
+        value = getattr(args, option)
+        if value is not None and not math.isfinite(value):
+            raise InputError(f"--{option} must be finite, got {value}")
     model, config, tokenizer = load_model(folder, args.backbone, args.step, args.dtype)
     args.lang = args.lang or config.data.target_lang
     if args.trace and not model.lisendiff:
@@ -272,7 +299,9 @@ def run(args: argparse.Namespace, default_workdir: Path | None) -> None:
         labels, extras, requests = zip(*entries, strict=True)
     else:
         labels, extras = [None], [{}]
-        requests = [Request(tuple(history), args.style, args.lang, args.seed)]
+        requests = [
+            Request(tuple(history), args.style, args.lang, args.seed, args.empathy, args.guidance)
+        ]
     replies = listener.reply(list(requests), options, args.batch_size)
     answered = zip(labels, extras, requests, replies, strict=True)
     if args.json or args.output:

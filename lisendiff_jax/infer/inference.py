@@ -1,13 +1,16 @@
 """Replies from a restored model: encode the context, sample a latent, decode while reading it.
 
-A request is some context turns (oldest first), a style and a target language. A batch of
-requests becomes:
-1. prompts: each chat rendered with the language's system prompt and the generation prompt
-   (`encode_chat`), cut from the oldest turn to the prompt budget (with a warning), left-padded
-   to a shared length rounded up to a multiple of `PAD_MULTIPLE`, so few shapes compile;
+A request is some context turns (oldest first), a style or an empathy dial w (the style is
+the dial's ends: default 0, empathy 1), a guidance scale on the context (1: none; other values
+need a model trained with context dropout) and a target language. A batch of requests becomes:
+1. prompts: each chat rendered with the language's system prompt (the run's: built in, or
+   from the prompts file it trained with) and the generation prompt (`encode_chat`), cut
+   from the oldest turn to the prompt budget (with a warning), left-padded to a shared
+   length rounded up to a multiple of `PAD_MULTIPLE`, so few shapes compile;
 2. context embeddings: the newest `data.max_context` turns through the run's S-Encoder, laid
    out as in training (oldest first, padded at the end) - LisenDiff models only;
-3. one jitted call: the style summary, the sampler chain (`sampler.py`), KV-cache decoding
+3. one jitted call: both styles' summaries, the sampler chain mixing both styles' predictions
+   at each row's w (`sample_latents`, `sampler.py`), KV-cache decoding
    with the LLM cross-attending to the latent and, for a trace, decoding once more from the
    predicted y0 of each of the last steps, all rows of the trace as one batch.
 
@@ -33,6 +36,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
+import math
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -42,16 +47,19 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.experimental import io_callback
 from jax.sharding import NamedSharding, PartitionSpec
 from transformers import PreTrainedTokenizerBase
 
 from lisendiff_jax.backbone.generate import SamplingParams, decode
+from lisendiff_jax.config import system_prompts
 from lisendiff_jax.data.encoder import Encoder, make_encoder
 from lisendiff_jax.data.example import STYLES
 from lisendiff_jax.data.formatting import Encoded, encode_chat, system_prompt
+from lisendiff_jax.data.languages import is_language_tag
 from lisendiff_jax.errors import UserError
 from lisendiff_jax.method.model import LisenDiff
-from lisendiff_jax.method.sampler import Plan, SamplerName, make_plan, sample
+from lisendiff_jax.method.sampler import Plan, SamplerName, make_plan, sample, steered
 from lisendiff_jax.sharding import MeshPlan
 
 PAD_MULTIPLE = 32
@@ -73,6 +81,12 @@ class Request:
     style: str = "empathy"
     lang: str = "zh"
     seed: int | None = None  # None: the call's Options.seed and the request's position
+    # The empathy dial w: None samples `style`; a float mixes the two styles' predictions,
+    # default + w (empathy - default), so 0 is exactly the default style and 1 the empathy one.
+    empathy: float | None = None
+    # Classifier-free guidance scale on the context (1 = none); other values need a model
+    # trained with model.denoiser.context_dropout > 0 (checked by the Listener).
+    guidance: float = 1.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "context", tuple(t.strip() for t in self.context if t.strip()))
@@ -80,10 +94,18 @@ class Request:
             raise InputError("empty context: give at least one non-blank turn")
         if self.style not in STYLES:
             raise InputError(f"unknown style {self.style!r}; choose one of {', '.join(STYLES)}")
-        try:
-            system_prompt(self.lang)
-        except ValueError as err:
-            raise InputError(str(err)) from None
+        for field in ("empathy", "guidance"):
+            value = getattr(self, field)
+            if value is None and field == "empathy":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise InputError(f"{field} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise InputError(f"{field} must be finite, got {value!r}")
+            object.__setattr__(self, field, float(value))
+        # Whether the run has a prompt for it is the Listener's to say (`check`).
+        if not is_language_tag(self.lang):
+            raise InputError(f"lang {self.lang!r} is not a language tag (e.g. 'zh', 'ko')")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,25 +150,50 @@ def split_turns(text: str, separator: str = "|||") -> list[str]:
     return [turn.strip() for turn in text.split(separator) if turn.strip()]
 
 
+def empathy_weight(request: Request) -> float:
+    """The request's dial w: its `empathy`, or its style as one end of the dial."""
+    if request.empathy is not None:
+        return request.empathy
+    return float(request.style == "empathy")
+
+
 def sample_latents(
     model: LisenDiff,
     context: jax.Array,  # [batch, n_ctx, d] utterance embeddings, oldest first
     context_mask: jax.Array,  # [batch, n_ctx] bool
-    style_ids: jax.Array,  # [batch] int
+    empathy: jax.Array,  # [batch] float: the dial w (0: default style, 1: empathy style)
     keys: jax.Array,  # [batch] PRNG keys: row i's noise comes from keys[i] alone
     plan: Plan,
+    guidance: jax.Array | None = None,  # [batch] float; None: no null branch at all
     return_trajectory: bool = False,
 ) -> tuple[jax.Array, jax.Array | None]:
-    """Latents [batch, L, d] for each row's style, and optionally every step's predicted y0
-    [S, batch, L, d], both in the encoder's space."""
-    chex.assert_rank(context, 3)
-    chex.assert_shape(keys, (context.shape[0],))
-    x = model.summary(context, context_mask, style_ids)  # [batch, n_queries, d]
+    """Latents [batch, L, d] at each row's dial w, and optionally every step's predicted y0
+    [S, batch, L, d], both in the encoder's space.
 
-    def denoise(y_t: jax.Array, t: jax.Array) -> jax.Array:
-        return model.denoisers(y_t, t, x, style_ids)
+    A plain style is the dial at w = 0 or 1, so every row runs the same chain: each step runs
+    both styles' denoisers, each on its own style summary, in one call (`StyleDenoisers.each`,
+    the FLOPs the training path spends on one summary), and mixes them (`sampler.steered`).
+    `guidance` (a model with a null summary only) adds the same call on the null summary."""
+    chex.assert_rank(context, 3)
+    chex.assert_shape([keys, empathy], (context.shape[0],))
+    xs = model.summary.each(context, context_mask)  # [n_styles, batch, n_queries, d]
+    dial = [STYLES.index("default"), STYLES.index("empathy")]
+    if guidance is not None:
+        chex.assert_shape(guidance, keys.shape)
+        null = model.summary.null_like(xs)
+
+    def branches(y_t: jax.Array, t: jax.Array) -> jax.Array:  # [2 or 4, batch, L, d]
+        every = model.denoisers.each(y_t, t, xs)  # [n_styles, batch, L, d]
+        out = [every[s] for s in dial]
+        if guidance is not None:
+            # A call of its own: the context branch is then computed as without guidance,
+            # so that g = 1 gives its latents bit for bit.
+            every_null = model.denoisers.each(y_t, t, null)
+            out += [every_null[s] for s in dial]
+        return jnp.stack(out)
 
     shape = (model.num_latents, model.latent_dim)
+    denoise = steered(branches, empathy, guidance)
     return sample(denoise, plan, model.latent_stats, keys, shape, return_trajectory)
 
 
@@ -156,7 +203,7 @@ def latent_sampler(
     mesh: MeshPlan | None = None,
     return_trajectory: bool = False,
 ) -> Callable[..., tuple[jax.Array, jax.Array | None]]:
-    """`sample_latents` for `model` as one jitted `fn(context, context_mask, style_ids, keys)`.
+    """`sample_latents` for `model` as one jitted `fn(context, context_mask, empathy, keys)`.
 
     On a mesh the rows of every input and output are split over the data-parallel devices
     and the model's state is placed by the sharding rules, so a large batch of situations
@@ -175,33 +222,70 @@ def latent_sampler(
         )
 
     @functools.partial(jax.jit, **jit_kw)
-    def run(state, context, context_mask, style_ids, keys):
+    def run(state, context, context_mask, empathy, keys):
         restored = nnx.merge(graphdef, state)
         return sample_latents(
-            restored, context, context_mask, style_ids, keys, plan, return_trajectory
+            restored,
+            context,
+            context_mask,
+            empathy,
+            keys,
+            plan,
+            return_trajectory=return_trajectory,
         )
 
-    def sample(context, context_mask, style_ids, keys):
+    def sample(context, context_mask, empathy, keys):
         divisor = 1 if mesh is None else mesh.batch_divisor
         if len(keys) % divisor:
             raise InputError(
                 f"{len(keys)} rows do not split over the mesh's {divisor} data-parallel "
                 f"devices; sample a multiple of {divisor}"
             )
-        return run(state, context, context_mask, style_ids, keys)
+        return run(state, context, context_mask, np.asarray(empathy, np.float32), keys)
 
     return sample
+
+
+# (first: the index among the call's requests of the batch's row 0, tokens [B] int32, live
+# [B] bool: the rows that drew theirs this step) -> [B] bool: rows to stop (e.g. a streaming
+# client that left). Called once per decoding step, in order, while the batch decodes.
+TokenSink = Callable[[int, np.ndarray, np.ndarray], np.ndarray]
+_SINKS: dict[int, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {}  # by batch["sink"]
+_sink_ids = itertools.count()
+
+
+def _to_sink(sink_id: np.ndarray, tokens: np.ndarray, live: np.ndarray) -> np.ndarray:
+    return np.asarray(_SINKS[int(sink_id)](np.asarray(tokens), np.asarray(live)), bool)
+
+
+def _sink_hook(sink_id: jax.Array):
+    """A `TokenHook` for `decode` that hands every step to the sink registered as `sink_id`.
+
+    Why a host callback from inside the one jitted decode loop, rather than decoding in jitted
+    chunks of N tokens from a Python loop: the loop's arithmetic is untouched (the callback
+    only reads each step's tokens and can only end rows), tokens arrive one step at a time
+    instead of N, the KV cache never goes back through Python between chunks, and the returned
+    stop mask lets a row whose client left be masked (the loop ends early once every row is
+    done or stopped). The cost is one host round trip per step.
+    """
+
+    def hook(tokens: jax.Array, live: jax.Array) -> jax.Array:
+        stop = jax.ShapeDtypeStruct(tokens.shape, jnp.bool_)
+        return io_callback(_to_sink, stop, sink_id, tokens, live)
+
+    return hook
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "params", "trace_steps"))
 def _respond(graphdef, state, plan, batch, params, trace_steps):
     model = nnx.merge(graphdef, state)
     ids, mask = batch["input_ids"], batch["attention_mask"]  # [B, P]
+    on_tokens = _sink_hook(batch["sink"]) if "sink" in batch else None  # the reply's only
     request_key = lambda seed, i: jax.random.fold_in(jax.random.key(seed), i)
     keys = jax.vmap(request_key)(batch["seed"], batch["position"])  # [B]
     latent_keys, decode_keys = jax.vmap(jax.random.split, out_axes=1)(keys)  # [B] each
     if not model.lisendiff:
-        return {"reply": decode(model.backbone, ids, mask, decode_keys, params)}
+        return {"reply": decode(model.backbone, ids, mask, decode_keys, params, None, on_tokens)}
     if "latents" in batch:  # given by the caller: nothing to sample, no trace
         latents = batch["latents"]
     else:
@@ -209,14 +293,17 @@ def _respond(graphdef, state, plan, batch, params, trace_steps):
             model,
             batch["context"],
             batch["context_mask"],
-            batch["style_ids"],
+            batch["empathy"],
             latent_keys,
             plan,
+            batch.get("guidance"),
             return_trajectory=trace_steps > 0,
         )
     out = {
         "latents": latents,
-        "reply": decode(model.backbone, ids, mask, decode_keys, params, {"latents": latents}),
+        "reply": decode(
+            model.backbone, ids, mask, decode_keys, params, {"latents": latents}, on_tokens
+        ),
     }
     if trace_steps:
         last = trajectory[-trace_steps:]  # [k, B, L, d]
@@ -245,7 +332,12 @@ class Listener:
         encoder: Encoder | None = None,
     ):
         self.config, self.tokenizer = config, tokenizer
+        self.prompts = system_prompts(config.data)  # the ones the run trained with
         self.lisendiff = model.lisendiff
+        # Guidance needs the null summary that training with context dropout learns. A model
+        # with one runs the null branch for every request (g = 1 too), so that a reply does
+        # not depend on whether its batch holds a guided request.
+        self.guided = self.lisendiff and model.summary.null is not None
         if self.lisendiff:
             encoder = encoder or make_encoder(config.data.encoder)
             if encoder.dim != model.latent_dim:
@@ -282,14 +374,26 @@ class Listener:
         """Raises InputError when `request` cannot be answered with `options` (which `prepare`
         accepts), without running the model: a server checks each request alone, so that a
         bad one does not fail the batch it would join."""
+        self._check_guidance(request)
         self._encode(request, options.max_tokens)
+
+    def _check_guidance(self, request: Request) -> None:
+        if request.guidance != 1.0 and not self.guided:
+            raise InputError(
+                f"guidance {request.guidance:g} needs a model trained with "
+                "--config.model.denoiser.context_dropout > 0 (this one has no null context); "
+                "use guidance 1"
+            )
 
     def _encode(self, request: Request, max_tokens: int) -> Encoded:
         """`request`'s prompt cut to the run's prompt budget, if `max_tokens` more fit the
         backbone's positions; InputError, in the request's terms, if not."""
         try:
             encoded = encode_chat(
-                self.tokenizer, request.context, system_prompt(request.lang), self.prompt_budget
+                self.tokenizer,
+                request.context,
+                system_prompt(request.lang, self.prompts),
+                self.prompt_budget,
             )
         except ValueError as err:
             raise InputError(str(err)) from None
@@ -321,8 +425,14 @@ class Listener:
         for i, turns in enumerate(newest):
             context[i, : len(turns)] = vectors[[row[t] for t in turns]]
             mask[i, : len(turns)] = True
-        style_ids = np.array([STYLES.index(r.style) for r in requests], np.int32)
-        return {"context": context, "context_mask": mask, "style_ids": style_ids}
+        out = {
+            "context": context,
+            "context_mask": mask,
+            "empathy": np.array([empathy_weight(r) for r in requests], np.float32),
+        }
+        if self.guided:
+            out["guidance"] = np.array([r.guidance for r in requests], np.float32)
+        return out
 
     def reply(
         self,
@@ -330,6 +440,7 @@ class Listener:
         options: Options = Options(),
         batch_size: int = 16,
         latents: np.ndarray | None = None,
+        sink: TokenSink | None = None,
     ) -> list[Reply]:
         """One reply per request, in order, decoded `batch_size` requests at a time. Request i
         draws from fold_in(key(options.seed), i), or from fold_in(key(request.seed), 0) when it
@@ -337,7 +448,11 @@ class Listener:
 
         `latents` [len(requests), L, d] (encoder space), for a LisenDiff model only: decode
         with these instead of latents sampled from the context, e.g. the embedding of a reply
-        in another language; no trace then."""
+        in another language; no trace then.
+
+        `sink` sees each reply's tokens as they are decoded (`text` turns a row's tokens so
+        far into its text) and may stop rows; a stopped row's reply is not one. The replies
+        of the rows it does not stop are those without a sink."""
         params, plan, trace_steps = self.prepare(options)
         given = None if latents is None else np.asarray(latents, np.float32)
         if given is not None:
@@ -351,6 +466,8 @@ class Listener:
                 )
         # Every prompt before any batch runs: a request that cannot be answered stops the call
         # before the model does any work.
+        for r in requests:
+            self._check_guidance(r)
         prompts = [self._encode(r, options.max_tokens) for r in requests]
         truncated = []
         for p, r in zip(prompts, requests, strict=True):
@@ -376,8 +493,16 @@ class Listener:
                 batch.update(self._context(chunk))
             batch["seed"] = seeds[start : start + batch_size].astype(np.uint32)
             batch["position"] = np.array(positions[start : start + batch_size], np.uint32)
-            out = _respond(self.graphdef, self.state, plan, batch, params, trace_steps)
-            texts = self._texts(out["reply"])
+            if sink is not None:
+                sink_id = next(_sink_ids) % 2**32
+                _SINKS[sink_id] = functools.partial(sink, start)
+                batch["sink"] = np.uint32(sink_id)
+            try:
+                out = _respond(self.graphdef, self.state, plan, batch, params, trace_steps)
+                texts = self._texts(out["reply"])  # waits for the decoding, hence the sink
+            finally:
+                if sink is not None:
+                    del _SINKS[sink_id]
             latents = np.asarray(out["latents"]) if "latents" in out else [None] * len(chunk)
             traces = [()] * len(chunk)
             if trace_steps:
@@ -398,9 +523,12 @@ class Listener:
             ]
         return replies
 
+    def text(self, tokens: Sequence[int]) -> str:
+        """The reply text of a row's tokens (its EOS included or not), as `reply` gives it."""
+        return without_cut_character(
+            self.tokenizer.decode(tokens, skip_special_tokens=True)
+        ).strip()
+
     def _texts(self, generation) -> list[str]:
         tokens, lengths = np.asarray(generation.tokens), np.asarray(generation.lengths)
-        return [
-            without_cut_character(self.tokenizer.decode(row[:n], skip_special_tokens=True)).strip()
-            for row, n in zip(tokens, lengths, strict=True)
-        ]
+        return [self.text(row[:n]) for row, n in zip(tokens, lengths, strict=True)]

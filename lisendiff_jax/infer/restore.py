@@ -31,7 +31,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from lisendiff_jax.backbone import load_backbone
 from lisendiff_jax.checkpoint import CheckpointNotFoundError, CorruptCheckpointError
-from lisendiff_jax.config import base_config
+from lisendiff_jax.config import base_config, fill_added_model_options
 from lisendiff_jax.errors import UserError
 from lisendiff_jax.method.lora import merge_lora
 from lisendiff_jax.method.model import LatentStat, LisenDiff
@@ -60,6 +60,7 @@ def read_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
         config = ml_collections.ConfigDict(json.loads(path.read_text()))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise RestoreError(f"{path}: not valid JSON ({err})") from None
+    fill_added_model_options(config.get("model"))
     # The model section decides which parameters exist; a run from a version with other model
     # options has checkpoints this version cannot rebuild.
     missing = _missing_keys(base_config().model, config.get("model"), "model")
@@ -101,6 +102,7 @@ def build_model(
     """The run's model around the backbone in `folder`, with freshly initialised trainable
     parameters (to be overwritten), LoRA not yet merged. `dtype` overrides the run's backbone
     parameter and compute dtypes (e.g. float32 on a CPU)."""
+    fill_added_model_options(config.get("model"))
     m = config.model
     backbone = load_backbone(
         folder, dtype=dtype or m.param_dtype, compute_dtype=dtype or m.compute_dtype

@@ -133,9 +133,24 @@ class StyleDenoisers(nnx.Module):
         style_ids: jax.Array,  # [batch] int in [0, n_styles)
     ) -> jax.Array:  # [batch, L, d_enc]
         chex.assert_shape(style_ids, y_t.shape[:1])
+        every = self._every(y_t, t, x, x_axis=None)  # [n_styles, batch, L, d_enc]
+        return every[style_ids, jnp.arange(y_t.shape[0])]
+
+    def each(
+        self,
+        y_t: jax.Array,  # [batch, L, d_enc]
+        t: jax.Array,  # [batch] int
+        xs: jax.Array,  # [n_styles, batch, n_queries, d_enc]: style s reads xs[s]
+    ) -> jax.Array:  # [n_styles, batch, L, d_enc]
+        """Every style's prediction from its own summary, in one call: what the sampler's
+        dial mixes. The same FLOPs as `__call__`, which runs every style on one summary."""
+        chex.assert_axis_dimension(xs, 0, self.n_styles)
+        return self._every(y_t, t, xs, x_axis=0)
+
+    def _every(self, y_t: jax.Array, t: jax.Array, x: jax.Array, x_axis: int | None):
         graphdef, state = nnx.split(self.stacked)
-        every = jax.vmap(lambda s: nnx.merge(graphdef, s)(y_t, t, x))(state)
-        return every[style_ids, jnp.arange(y_t.shape[0])]  # every: [n_styles, batch, L, d_enc]
+        run = lambda s, x: nnx.merge(graphdef, s)(y_t, t, x)
+        return jax.vmap(run, in_axes=(0, x_axis))(state, x)
 
     def for_style(self, style: int) -> Denoiser:
         """A standalone copy of one style's denoiser (unstacked parameters)."""

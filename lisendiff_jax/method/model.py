@@ -89,6 +89,9 @@ class LisenDiff(nnx.Module):
         self.diffusion = DiffusionSettings(**cfg.diffusion.to_dict())
         self.latent_mean = LatentStat(jnp.zeros((latent_dim,), jnp.float32))
         self.latent_scale = LatentStat(jnp.ones((), jnp.float32))
+        # Probability that training replaces an example's context summary by the learned
+        # null summary (classifier-free guidance); 0, the paper's training, builds no null.
+        self.context_dropout = float(cfg.denoiser.context_dropout)
         if not self.lisendiff:
             self.summary = self.denoisers = None
             return
@@ -103,26 +106,8 @@ class LisenDiff(nnx.Module):
             param_dtype=trainable_dtype,
             rngs=rngs,
         )
-        self.summary = StyleSummary(
-            len(STYLES),
-            cfg.summary.num_queries,
-            latent_dim,
-            num_heads=cfg.summary.num_heads,
-            depth=cfg.summary.depth,
-            mlp_ratio=cfg.summary.mlp_ratio,
-            param_dtype=trainable_dtype,
-            rngs=rngs,
-        )
-        self.denoisers = StyleDenoisers(
-            len(STYLES),
-            DenoiserConfig(
-                d_enc=latent_dim,
-                num_heads=cfg.denoiser.num_heads,
-                depth=cfg.denoiser.depth,
-                mlp_ratio=cfg.denoiser.mlp_ratio,
-            ),
-            param_dtype=trainable_dtype,
-            rngs=rngs,
+        self.summary, self.denoisers = context_modules(
+            cfg, latent_dim, self.context_dropout > 0, trainable_dtype, rngs
         )
 
     @property
@@ -171,23 +156,83 @@ class LisenDiff(nnx.Module):
         if not self.lisendiff:
             return lm_loss, {"lm_loss": lm_loss, "diff_loss": jnp.zeros(())}
 
-        schedule = self.diffusion.make()
-        t_key, noise_key = jax.random.split(rng)
-        y0 = standardise(self.latent_stats, latents)
-        t = jax.random.randint(t_key, (ids.shape[0],), 0, schedule.num_steps)
-        y_t = q_sample(schedule, y0, t, jax.random.normal(noise_key, y0.shape))
-        style = batch["style_id"]
-        x = self.summary(batch["context_embeddings"], batch["context_mask"], style)
-        y0_pred = self.denoisers(y_t, t, x, style)
-        diff_loss = x0_loss(
-            schedule,
-            y0_pred,
-            y0,
-            t,
-            weighting=self.diffusion.loss_weight,
-            mask=batch["row_mask"].astype(bool),
+        diff_loss = diffusion_loss(
+            self.summary,
+            self.denoisers,
+            self.diffusion,
+            self.latent_stats,
+            batch,
+            rng,
+            self.context_dropout,
         )
         return lm_loss + diff_loss, {"lm_loss": lm_loss, "diff_loss": diff_loss}
+
+
+def context_modules(
+    cfg: ml_collections.ConfigDict,  # the experiment's `model` section
+    latent_dim: int,
+    null_summary: bool,
+    param_dtype: jnp.dtype,
+    rngs: nnx.Rngs,
+) -> tuple[StyleSummary, StyleDenoisers]:
+    """The style summary and the denoisers: the diffusion half of LisenDiff, which never sees
+    the LLM (the diffusion probe trains it alone)."""
+    summary = StyleSummary(
+        len(STYLES),
+        cfg.summary.num_queries,
+        latent_dim,
+        num_heads=cfg.summary.num_heads,
+        depth=cfg.summary.depth,
+        mlp_ratio=cfg.summary.mlp_ratio,
+        null_summary=null_summary,
+        param_dtype=param_dtype,
+        rngs=rngs,
+    )
+    denoisers = StyleDenoisers(
+        len(STYLES),
+        DenoiserConfig(
+            d_enc=latent_dim,
+            num_heads=cfg.denoiser.num_heads,
+            depth=cfg.denoiser.depth,
+            mlp_ratio=cfg.denoiser.mlp_ratio,
+        ),
+        param_dtype=param_dtype,
+        rngs=rngs,
+    )
+    return summary, denoisers
+
+
+def diffusion_loss(
+    summary: StyleSummary,
+    denoisers: StyleDenoisers,
+    settings: DiffusionSettings,
+    stats: LatentStats,
+    batch: dict[str, jax.Array],
+    rng: jax.Array,
+    context_dropout: float = 0.0,
+) -> jax.Array:
+    """L_diff of one batch (the keys `LisenDiff.losses` names; no token arrays needed): the x0
+    loss of each row's style denoiser at a random step, on standardised latents."""
+    latents = batch["response_latent"].astype(jnp.float32)  # [B, L, d]
+    style = batch["style_id"]  # [B]
+    schedule = settings.make()
+    t_key, noise_key = jax.random.split(rng)
+    y0 = standardise(stats, latents)
+    t = jax.random.randint(t_key, style.shape, 0, schedule.num_steps)
+    y_t = q_sample(schedule, y0, t, jax.random.normal(noise_key, y0.shape))
+    x = summary(batch["context_embeddings"], batch["context_mask"], style)
+    if context_dropout > 0:
+        # fold_in, not a third split: the t and noise keys stay those of p = 0.
+        drop = jax.random.bernoulli(jax.random.fold_in(rng, 1), context_dropout, style.shape)
+        x = jnp.where(drop[:, None, None], summary.null_like(x), x)  # drop: [B]
+    return x0_loss(
+        schedule,
+        denoisers(y_t, t, x, style),
+        y0,
+        t,
+        weighting=settings.loss_weight,
+        mask=batch["row_mask"].astype(bool),
+    )
 
 
 class TrainingSplit(NamedTuple):

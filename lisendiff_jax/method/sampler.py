@@ -14,6 +14,16 @@ step. `run_chain` runs any plan as one `lax.scan`, so the whole chain compiles i
   exactly DDPM (same coefficients, see the tests); eta = 0 makes every step deterministic, so
   the sample depends on the starting noise only.
 
+Two knobs steer a chain through its predictions, never its coefficients (`steered`):
+- the empathy dial w mixes the default-style and the empathy-style prediction of each step,
+  y0 = y0_default + w (y0_empathy - y0_default): w = 0 is the default style, w = 1 the empathy
+  style, w > 1 pushes past it;
+- classifier-free guidance g on the context (Ho & Salimans, 2022) mixes each style's
+  prediction from the context summary x with its prediction from a learned null summary,
+  y0 = y0(null) + g (y0(x) - y0(null)); g = 1 is no guidance.
+Both are `lerp`s, exact at w (or g) = 0 and 1, so those ends sample bit for bit what the plain
+styles (or no guidance) do.
+
 The last step of every plan maps to alpha_bar = 1 (coef_y0 = 1, coef_yt = sigma = 0), so the
 chain's result is the denoiser's final prediction. Chains run in the standardised space the
 denoiser was trained in; `sample` draws the noise, runs the chain and returns latents in the
@@ -35,6 +45,8 @@ from lisendiff_jax.method.diffusion import LatentStats, Schedule, unstandardise
 
 # (y_t [batch, L, d], t [batch] int32) -> predicted y0 [batch, L, d]
 DenoiseFn = Callable[[jax.Array, jax.Array], jax.Array]
+# (y_t [batch, L, d], t [batch] int32) -> predicted y0 of each branch [branches, batch, L, d]
+BranchesFn = Callable[[jax.Array, jax.Array], jax.Array]
 SamplerName = Literal["ddpm", "ddim"]
 
 
@@ -100,6 +112,35 @@ def make_plan(
     if sampler == "ddim":
         return ddim_plan(schedule, num_steps or schedule.num_steps, eta)
     raise ValueError(f"unknown sampler {sampler!r}; choose ddpm or ddim")
+
+
+def lerp(a: jax.Array, b: jax.Array, w: jax.Array) -> jax.Array:
+    """a + w (b - a) for a, b [..., batch, L, d] and one w per row [batch], written as
+    (1 - w) a + w b: that form is a (bit for bit) at w = 0 and b at w = 1, where
+    a + w (b - a) can round away from b (a = 1, b = 1e-8: 1 + (1e-8 - 1) is 0 in float32)."""
+    chex.assert_equal_shape([a, b])
+    w = w.astype(a.dtype)[:, None, None]  # [batch, 1, 1]
+    return (1 - w) * a + w * b
+
+
+def steered(
+    branches: BranchesFn,
+    empathy: jax.Array,  # [batch] float: the dial w of each row
+    guidance: jax.Array | None = None,  # [batch] float: the guidance scale g; None: no null
+) -> DenoiseFn:
+    """The denoise function of a dialled, optionally guided chain. `branches` gives, in one
+    call, the default-style and the empathy-style prediction [2, batch, L, d] (each from its
+    own style summary), or with `guidance` [4, batch, L, d]: those two from the context
+    summary, then the same two from the null summary."""
+
+    def denoise(y_t: jax.Array, t: jax.Array) -> jax.Array:
+        y0 = branches(y_t, t)
+        chex.assert_shape(y0, (2 if guidance is None else 4, *y_t.shape))
+        if guidance is not None:
+            y0 = lerp(y0[2:], y0[:2], guidance)  # [2, batch, L, d]: null -> context
+        return lerp(y0[0], y0[1], empathy)
+
+    return denoise
 
 
 def denoise_step(

@@ -3,6 +3,11 @@ embeddings of the context utterances (a Q-former-like summary, paper eq. 7).
 
 Only the queries are per style; the attention and MLP weights are shared, so both styles read
 the context the same way and differ in what they ask of it.
+
+A model trained with context dropout (classifier-free guidance) also has a learned null
+summary that stands in for x when the context is dropped. It is one [n_queries, d_enc] for
+both styles: each style has its own denoiser, so its prediction from the null summary is still
+its own, and a shared null is trained by the dropped examples of both styles.
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ class StyleSummary(nnx.Module):
     returns the style's context-free summary: its queries passed through the residual MLPs.
     Style ids outside [0, n_styles) are clamped by the gather, not reported.
 
-    Parameters: `queries` [n_styles, n_queries, d_enc] and `blocks.{j}.*`.
+    Parameters: `queries` [n_styles, n_queries, d_enc], `blocks.{j}.*` and, with
+    `null_summary`, `null` [n_queries, d_enc] (None without: a model trained without context
+    dropout has no such parameter, so its checkpoints are those of the paper's model).
     """
 
     def __init__(
@@ -38,6 +45,7 @@ class StyleSummary(nnx.Module):
         depth: int = 1,
         mlp_ratio: int = 4,
         eps: float = 1e-6,
+        null_summary: bool = False,
         dtype: jnp.dtype = jnp.float32,
         param_dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
@@ -61,6 +69,9 @@ class StyleSummary(nnx.Module):
                 for _ in range(depth)
             ]
         )
+        # Drawn last, so that the other parameters start as they would without it.
+        shape = (n_queries, d_enc)
+        self.null = nnx.Param(init(rngs.params(), shape, param_dtype)) if null_summary else None
 
     def __call__(
         self,
@@ -78,3 +89,21 @@ class StyleSummary(nnx.Module):
         for block in self.blocks:
             x = block(x, context, context_mask)
         return x
+
+    def each(
+        self,
+        context: jax.Array,  # [batch, n_ctx, d_enc]
+        context_mask: jax.Array | None,  # [batch, n_ctx] bool
+    ) -> jax.Array:  # [n_styles, batch, n_queries, d_enc]
+        """Every style's summary of every row, in one call (the rows repeated per style)."""
+        n, batch = self.queries[...].shape[0], context.shape[0]
+        styles = jnp.repeat(jnp.arange(n, dtype=jnp.int32), batch)  # [n * batch]
+        tile = lambda a: None if a is None else jnp.tile(a, (n,) + (1,) * (a.ndim - 1))
+        x = self(tile(context), tile(context_mask), styles)
+        return x.reshape(n, batch, *x.shape[1:])
+
+    def null_like(self, x: jax.Array) -> jax.Array:
+        """The null summary broadcast to the shape of summaries x [..., n_queries, d_enc]."""
+        if self.null is None:
+            raise ValueError("this summary has no null summary (trained without dropout)")
+        return jnp.broadcast_to(self.null[...].astype(x.dtype), x.shape)

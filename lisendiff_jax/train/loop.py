@@ -1,7 +1,8 @@
 """The training run: data, model and optimizer set up once, then the step loop.
 
 Workdir layout:
-    config.json       the run's full config (a resume must keep the `model` and `data` parts)
+    config.json       the run's full config (a resume must keep the `model` and `data` parts),
+                      with the prompts file's prompts in data.prompt_texts (config.load_prompts)
     metrics.jsonl     one line per logged step
     tensorboard/      the same as TensorBoard events (when tensorboardX is installed)
     data/train/       the example split's cached embeddings (see encoder_cache)
@@ -37,17 +38,25 @@ from tqdm.auto import tqdm
 
 from lisendiff_jax.backbone import BackboneConfig, load_backbone
 from lisendiff_jax.checkpoint import Checkpointer
-from lisendiff_jax.config import ConfigError, check_data_paths, validate
+from lisendiff_jax.config import (
+    ConfigError,
+    check_data_paths,
+    fill_added_model_options,
+    load_prompts,
+    system_prompts,
+    validate,
+)
 from lisendiff_jax.data import Example, Mix, build_mix, summary_table
 from lisendiff_jax.data.batching import DataPosition, iterate_batches, length_buckets
 from lisendiff_jax.data.encoder import make_encoder
 from lisendiff_jax.data.encoder_cache import prepare_split
 from lisendiff_jax.data.formatting import (
-    SYSTEM_PROMPTS,
     NoRoomError,
+    encode_chat,
     encode_examples,
     system_prompt,
 )
+from lisendiff_jax.data.languages import describe
 from lisendiff_jax.errors import UserError
 from lisendiff_jax.method.diffusion import fit_latent_stats
 from lisendiff_jax.method.model import LisenDiff, check_settings, split_for_training, training_loss
@@ -66,9 +75,14 @@ def _check_workdir_config(workdir: Path, config: ml_collections.ConfigDict) -> N
     if not path.exists():
         return
     saved = json.loads(path.read_text())
+    fill_added_model_options(saved.get("model"))
     # Workdirs written before data.train_prompt existed were trained with the target prompt.
     saved.get("data", {}).setdefault("train_prompt", "target")
+    saved.get("data", {}).setdefault("prompt_texts", {})
     current = json.loads(config.to_json())
+    # The prompts file may move; its prompts (data.prompt_texts, compared) may not change.
+    for data in (saved.get("data", {}), current["data"]):
+        data.pop("prompts", None)
     for section in ("model", "data"):
         if saved.get(section) != current[section]:
             diff = _first_difference(saved.get(section), current[section], section)
@@ -88,22 +102,25 @@ def _first_difference(a: Any, b: Any, where: str) -> str:
 
 def training_prompts(data: ml_collections.ConfigDict, mix: Mix) -> str | Mapping[str, str] | None:
     """The system prompt(s) `encode_examples` gets for `data.train_prompt` (config.py says
-    why). With "example", a selected example in a language without a built-in prompt is a
-    ConfigError naming its source, rather than a silent fallback to another prompt."""
+    why), from the run's prompts (`system_prompts`, after `load_prompts`). With "example", a
+    selected example in a language without a prompt is a ConfigError naming its source,
+    rather than a silent fallback to another prompt."""
+    prompts = system_prompts(data)
     if data.train_prompt == "none":
         return None
     if data.train_prompt == "target":
-        return system_prompt(data.target_lang)
+        return system_prompt(data.target_lang, prompts)
     for report in mix.sources:
         langs = {lang for count in report.by_style.values() for lang in count.langs}
-        missing = sorted(langs - set(SYSTEM_PROMPTS))
+        missing = sorted(langs - set(prompts))
         if missing:
             raise ConfigError(
-                f"--config.data.sources.{report.name}: language {missing[0]!r} has no built-in "
-                f"system prompt (have {', '.join(sorted(SYSTEM_PROMPTS))}); set "
+                f"--config.data.sources.{report.name}: language {describe(missing[0])} has no "
+                f"system prompt (have {', '.join(sorted(prompts))}); give one in a JSON file "
+                "of language -> prompt with --config.data.prompts=FILE, or set "
                 "--config.data.train_prompt=target or none"
             )
-    return SYSTEM_PROMPTS
+    return prompts
 
 
 class MetricsLog:
@@ -146,6 +163,7 @@ class Trainer:
         mesh: MeshPlan | None = None,
     ):
         validate(config)
+        load_prompts(config)
         check_data_paths(config)
         self.primary = jax.process_index() == 0
         self.config, self.progress = config, progress and self.primary
@@ -185,6 +203,10 @@ class Trainer:
             self.encoded = encode_examples(
                 tokenizer, self.examples, training_prompts(d, mix), d.max_length, self.progress
             )
+            # Replies are sampled with the target language's prompt (whatever the training
+            # prompts were), so check now that it fits, rather than after training.
+            target = system_prompt(d.target_lang, system_prompts(d))
+            encode_chat(tokenizer, [""], target, d.max_length)
         except NoRoomError as err:
             raise ConfigError(f"--config.data.max_length: {err}") from None
         encoder = make_encoder(d.encoder)
