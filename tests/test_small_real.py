@@ -271,3 +271,52 @@ def test_bad_options_are_one_line_errors(tmp_path, capsys):
     assert "--candidates" in capsys.readouterr().err
     assert small_real.main([*TINY, "--out", str(tmp_path), "--set", "model.lisendiff=false"]) == 1
     assert "--set model.lisendiff" in capsys.readouterr().err
+
+
+# -- the diffusion probe -------------------------------------------------------------------
+
+
+def test_probe_context_features_are_last_previous_and_mean_turns():
+    from lisendiff_jax.experiments.diffusion_probe import context_features
+
+    context = np.arange(2 * 3 * 2, dtype=float).reshape(2, 3, 2)  # [N=2, n_ctx=3, d=2]
+    mask = np.array([[True, True, False], [True, False, False]])
+    features = context_features(context, mask)
+    np.testing.assert_array_equal(features[0], [2, 3, 0, 1, 1, 2])  # last, previous, mean
+    np.testing.assert_array_equal(features[1], [6, 7, 6, 7, 6, 7])  # one turn: all three
+
+
+def test_probe_ridge_recovers_a_linear_map():
+    from lisendiff_jax.experiments.diffusion_probe import ridge
+
+    rng = np.random.default_rng(0)
+    x, w = rng.normal(size=(200, 5)), rng.normal(size=(5, 3))
+    fitted = ridge(x, x @ w + 0.5, penalty=1e-9)
+    np.testing.assert_allclose(fitted[:5], w, atol=1e-6)
+    np.testing.assert_allclose(fitted[5], 0.5, atol=1e-6)  # the intercept row
+
+
+def test_the_diffusion_probe_end_to_end(tmp_path, capsys):
+    from lisendiff_jax.experiments import diffusion_probe
+
+    args = TINY[TINY.index("--train") : TINY.index("--steps")]  # the data options
+    out = tmp_path / "probe.json"
+    common = [*args, "--contexts", "4", "--candidates", "4", "--samples", "2"]
+    assert (
+        diffusion_probe.main([*common, "--steps", "3", "--batch-size", "2", "--out", str(out)]) == 0
+    )
+    report = json.loads(out.read_text())
+    assert report["examples_seen"] == 6 and report["heldout"] == 4
+    assert set(report["retrieval"]) >= {
+        "sampled latent (DDPM)",
+        "last context turn",
+        "mean training latent",
+        "ridge regression from the context",
+        "chance",
+    }
+    for measures in report["retrieval"].values():
+        assert all(0 <= v <= 1 for v in measures.values())
+    assert math.isfinite(report["heldout_loss"]) and report["heldout_loss"] > 0
+    assert "| last context turn |" in capsys.readouterr().out
+    assert diffusion_probe.main([*common, "--steps", "0"]) == 1
+    assert "--steps" in capsys.readouterr().err
