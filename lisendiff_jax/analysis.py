@@ -1,4 +1,5 @@
-"""Looking inside the latent space: a t-SNE map of sampled latents and response retrieval.
+"""Looking inside the latent space: a t-SNE map of sampled latents, response retrieval, and
+where the empathy dial moves a latent.
 
     python -m lisendiff_jax.analysis map --workdir runs/llama_ja --workdir runs/llama_en \
         --out latents.png                       # the paper's Figure 5
@@ -6,6 +7,7 @@
         --out dial.png                          # latents along the empathy dial
     python -m lisendiff_jax.analysis retrieve --workdir runs/llama_ja \
         --candidates responses.txt --top-k 5    # the paper's Table 3
+    python -m lisendiff_jax.analysis dial --workdir runs/llama_ja --empathy 0,0.5,1,1.5,2
 
 Latents are sampled for the bundled Mandarin and Cantonese situations (or `--situations FILE`)
 with each style's denoiser, or with `--empathy W,...` at each setting w of the empathy dial
@@ -13,6 +15,9 @@ with each style's denoiser, or with `--empathy W,...` at each setting w of the e
 L2) and the marker the style or the dial setting.
 Retrieval ranks candidate responses (one per line) by the sum of their cosine similarities to
 a model's sampled latents, with the candidates embedded by that run's own S-Encoder.
+`dial` places the latents sampled at each setting of the dial on the empathy direction of the
+run's own training latents: 0 at the mean latent of its default-style replies, 1 at the mean of
+its empathy-style replies (`dial_positions`).
 """
 
 from __future__ import annotations
@@ -121,6 +126,58 @@ def sampled_latents(
     return out
 
 
+def style_means(workdir: str | Path) -> dict[str, np.ndarray]:
+    """{style: the mean latent [d] of the run's training replies of that style}, read from the
+    workdir's encoded training split."""
+    from lisendiff_jax.data.encoder_cache import load_split
+
+    folder = Path(workdir) / "data" / "train"
+    try:
+        split = load_split(folder)
+    except FileNotFoundError:
+        raise UserError(
+            f"{workdir}: no training split in {folder} (an exported folder has none; give the "
+            "training workdir)"
+        ) from None
+    latents = split.response_latents[:, 0]  # [N, d]
+    means = {}
+    for i, style in enumerate(STYLES):
+        rows = np.asarray(split.style_id) == i
+        if not rows.any():
+            raise UserError(f"{workdir}: no {style}-style replies in its training data")
+        means[style] = latents[rows].mean(axis=0)
+    return means
+
+
+def dial_positions(latents: np.ndarray, default: np.ndarray, empathy: np.ndarray) -> np.ndarray:
+    """Each latent's coordinate [n] along the line from the default-style mean [d] (0) to the
+    empathy-style mean [d] (1): its projection onto that direction, in units of the distance
+    between the two means."""
+    direction = np.asarray(empathy, np.float64) - default
+    offset = np.asarray(latents, np.float64) - default
+    return offset @ direction / (direction @ direction)
+
+
+def dial_table(workdir: str, by_setting: dict[str, np.ndarray]) -> str:
+    """Per dial setting ("w=W": latents [n, d]), the latents' mean position on the run's
+    empathy direction with its 5th-95th percentiles, and their mean cosine to each style mean."""
+    means = style_means(workdir)
+    lines = [
+        f"{workdir}: position from the default-style mean (0) to the empathy-style mean (1) of",
+        "its training latents, and the mean cosine to each",
+        f"{'w':>6} {'position':>9} {'5%-95%':>14} {'cos default':>12} {'cos empathy':>12}",
+    ]
+    for label, latents in by_setting.items():
+        at = dial_positions(latents, means["default"], means["empathy"])
+        low, high = np.percentile(at, [5, 95])
+        cos = {k: retrieval_scores(latents, v[None])[0] / len(latents) for k, v in means.items()}
+        lines.append(
+            f"{label.removeprefix('w='):>6} {at.mean():9.3f} {f'{low:.2f} to {high:.2f}':>14} "
+            f"{cos['default']:12.3f} {cos['empathy']:12.3f}"
+        )
+    return "\n".join(lines)
+
+
 def _listener(workdir: str):
     from lisendiff_jax.infer.chat import load_model
     from lisendiff_jax.infer.inference import Listener
@@ -136,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m lisendiff_jax.analysis", description=__doc__.splitlines()[0]
     )
     sub = p.add_subparsers(dest="command", required=True)
-    for name in ("map", "retrieve"):
+    for name in ("map", "retrieve", "dial"):
         c = sub.add_parser(name)
         c.add_argument("--workdir", action="append", required=True, help="repeatable")
         c.add_argument("--situations", action="append", help="JSONL; default: bundled zh/yue")
@@ -152,6 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.choices["retrieve"].add_argument("--candidates", type=Path, required=True)
     sub.choices["retrieve"].add_argument("--top-k", type=int, default=5)
     args = p.parse_args(argv)
+    if args.command == "dial" and args.empathy is None:
+        args.empathy = [0.0, 0.5, 1.0, 1.5, 2.0]
     from absl import logging
 
     logging.set_verbosity(logging.ERROR)  # orbax logs at INFO and WARNING while restoring
@@ -162,6 +221,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for workdir in args.workdir:
             listener, config = _listener(workdir)
             by_style = sampled_latents(listener, situations, args.samples, args.seed, args.empathy)
+            if args.command == "dial":
+                print(dial_table(workdir, by_style))
+                continue
             if args.command == "retrieve":
                 if not args.candidates.is_file():
                     raise UserError(f"{args.candidates}: no such file")

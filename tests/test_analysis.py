@@ -7,7 +7,7 @@ import pytest
 
 from lisendiff_jax import analysis
 from lisendiff_jax.analysis import main, plot_latent_map, retrieval_scores, top_k, tsne_points
-from lisendiff_jax.data import STYLES
+from lisendiff_jax.data import STYLES, load_situations, sample_path
 from lisendiff_jax.errors import UserError
 
 
@@ -111,3 +111,30 @@ def test_retrieve_ranks_a_constructed_case(tiny_workdir, tmp_path, capsys, monke
         assert [text for _, text in own] == [f"{style} at {a} degrees" for a in ANGLES]
         expected = np.linalg.norm(sums[style]) * np.cos(np.deg2rad(ANGLES))
         np.testing.assert_allclose([score for score, _ in own], expected, rtol=0, atol=1e-3)
+
+
+def test_dial_positions_measure_along_the_default_to_empathy_line():
+    default, empathy = np.array([1.0, 0.0]), np.array([3.0, 0.0])
+    latents = np.array([[1.0, 7.0], [2.0, -1.0], [3.0, 0.0], [5.0, 2.0], [0.0, 0.0]])
+    np.testing.assert_allclose(
+        analysis.dial_positions(latents, default, empathy), [0.0, 0.5, 1.0, 2.0, -0.5]
+    )
+
+
+def test_dial_command_places_each_setting_on_the_runs_empathy_direction(
+    tiny_workdir, tmp_path, capsys
+):
+    args = ["dial", "--workdir", str(tiny_workdir), "--samples", "1", "--empathy", "0,1,2"]
+    assert main(args) == 0
+    rows = capsys.readouterr().out.splitlines()[3:]
+    assert [row.split()[0] for row in rows] == ["0", "1", "2"]
+    means = analysis.style_means(tiny_workdir)
+    listener, _ = analysis._listener(str(tiny_workdir))
+    situations = [
+        s.situation for f in analysis.DEFAULT_SITUATIONS for s in load_situations(sample_path(f))
+    ]
+    at_two = analysis.sampled_latents(listener, situations, 1, 0, [2.0])["w=2"]
+    expected = analysis.dial_positions(at_two, means["default"], means["empathy"]).mean()
+    assert float(rows[2].split()[1]) == pytest.approx(expected, abs=1e-3)
+    with pytest.raises(UserError, match="no training split"):
+        analysis.style_means(tmp_path)
