@@ -89,6 +89,7 @@ def probe(
     from lisendiff_jax.data.encoder import make_encoder
     from lisendiff_jax.data.encoder_cache import embed_texts, examples_fingerprint, prepare_split
     from lisendiff_jax.data.readers import check_path
+    from lisendiff_jax.experiments.configs import SMOLLM2
     from lisendiff_jax.experiments.small_real import twin_configs
     from lisendiff_jax.method.diffusion import fit_latent_stats, standardise, x0_loss
     from lisendiff_jax.method.model import DiffusionSettings, context_modules, diffusion_loss
@@ -98,8 +99,6 @@ def probe(
 
     check_path(train_format, train_path)
     check_path(heldout_format, heldout_path)
-    from lisendiff_jax.experiments.configs import SMOLLM2
-
     # The LLM is named but never loaded: the diffusion half does not read it.
     configs = twin_configs(train_path, SMOLLM2, steps, seed, train_format, overrides)
     config = configs["lisendiff"]
@@ -155,7 +154,8 @@ def probe(
         batch["row_mask"] = jnp.ones(len(index), bool)
         losses.append(float(train_step(modules, optimizer, batch, jax.random.fold_in(key, step))))
 
-    schedule, plan = settings.make(), make_plan(settings.make())
+    schedule = settings.make()
+    plan = make_plan(schedule)
     context = jnp.asarray(held.context_embeddings)
     mask, style = jnp.asarray(held.context_mask), jnp.asarray(held.style_id)
 
