@@ -231,6 +231,25 @@ def _check_rows(rows: list[dict]) -> None:
             assert -1 <= row["value"] <= 1 and -1 <= row["baseline_value"] <= 1
 
 
+def test_runs_trains_only_the_named_twins(tmp_path, monkeypatch):
+    trained, evaluated = [], []
+
+    def fake_train(configs, out):
+        trained.append(list(configs))
+        return [out / "runs" / name for name in configs]
+
+    monkeypatch.setattr(small_real, "train_twins", fake_train)
+    monkeypatch.setattr(
+        small_real, "evaluate", lambda workdirs, *a, **k: evaluated.append(workdirs) or {}
+    )
+    monkeypatch.setattr(small_real, "markdown", lambda report: "")
+    out = tmp_path / "sr"
+    assert small_real.main([*TINY, "--out", str(out), "--runs", "lisendiff"]) == 0
+    assert trained == [["lisendiff"]] and evaluated == [[out / "runs" / "lisendiff"]]
+    assert small_real.main([*TINY, "--out", str(out)]) == 0
+    assert trained[-1] == ["lisendiff", "lora_only"]
+
+
 def test_the_experiment_end_to_end_and_its_cached_stages(tmp_path, capsys):
     out = tmp_path / "sr"
     assert small_real.main([*TINY, "--out", str(out)]) == 0

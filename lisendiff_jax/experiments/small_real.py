@@ -752,6 +752,9 @@ def markdown(report: dict[str, Any]) -> str:
 # -- training ------------------------------------------------------------------------------
 
 
+TWINS = ("lisendiff", "lora_only")
+
+
 def twin_configs(
     train_path: str,
     backbone: str,
@@ -766,7 +769,7 @@ def twin_configs(
     from lisendiff_jax.experiments.configs import smollm2_esconv
 
     configs = {}
-    for name in ("lisendiff", "lora_only"):
+    for name in TWINS:
         c = smollm2_esconv(lisendiff=name == "lisendiff")
         c.model.backbone = backbone
         c.data.sources.esconv = source(train_format, str(train_path), 1.0)
@@ -871,6 +874,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument(
             "--set", action="append", default=[], metavar="KEY=VALUE", help="config override"
         )
+        p.add_argument(
+            "--runs",
+            nargs="+",
+            choices=TWINS,
+            default=list(TWINS),
+            help="which twins to train and evaluate (default: both)",
+        )
         _add_eval_options(p)
         args = p.parse_args(argv)
     from absl import logging
@@ -888,7 +898,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             configs = twin_configs(
                 args.train, args.backbone, args.steps, args.seed, args.train_format, args.set
             )
-            workdirs = train_twins(configs, args.out)
+            workdirs = train_twins({k: configs[k] for k in args.runs}, args.out)
         report = evaluate(workdirs, args.heldout, args.out, settings, args.backbone)
     except KeyboardInterrupt:
         return 130
