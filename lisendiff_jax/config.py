@@ -20,7 +20,8 @@ import ml_collections
 from absl import flags
 from ml_collections.config_flags import tuple_parser
 
-from lisendiff_jax.backbone.layout import PROJECTIONS
+from lisendiff_jax.backbone.layout import PROJECTIONS, QUANTIZATIONS
+from lisendiff_jax.backbone.model import ATTENTION_KERNELS, REMAT_POLICIES
 from lisendiff_jax.data.errors import DataError
 from lisendiff_jax.data.formatting import SYSTEM_PROMPTS
 from lisendiff_jax.data.languages import PromptsFileError, describe, is_language_tag, read_prompts
@@ -28,7 +29,6 @@ from lisendiff_jax.data.readers import FORMATS, check_path
 from lisendiff_jax.errors import UserError
 
 SCHEDULES = ("constant", "cosine", "linear")
-REMAT_POLICIES = ("none", "full", "dots")
 DIFFUSION_SCHEDULES = ("linear", "cosine", "zero_terminal_snr")
 LOSS_WEIGHTS = ("uniform", "snr", "min_snr")
 LOW_PRECISION_UPDATES = ("stochastic", "nearest", "float32_master")
@@ -71,6 +71,9 @@ def base_config() -> ml_collections.ConfigDict:
     m = c.model
     m.backbone = "meta-llama/Llama-3.1-8B-Instruct"  # hub id, local folder, or "tiny"
     m.param_dtype = "bfloat16"  # the frozen backbone's weights
+    # The decoder layers' frozen projections stored quantized by qwix: "none", "int8", "int4"
+    # or "nf4" (backbone/quantized.py); the rest of the backbone keeps param_dtype.
+    m.base_quantization = "none"
     m.compute_dtype = "bfloat16"
     m.trainable_dtype = "float32"  # LoRA, cross-attention, summary, denoisers
     # How updates land on trained bf16/fp16 weights (the lm_head, which keeps param_dtype):
@@ -79,7 +82,10 @@ def base_config() -> ml_collections.ConfigDict:
     m.low_precision_update = "stochastic"
     m.lisendiff = True  # False: the BaseLLM+L2 baseline (LoRA only)
     m.train_lm_head = True
-    m.remat = "full"
+    m.remat = "full"  # none | full | dots | attention (backbone/model.py, REMAT_POLICIES)
+    # The self-attention kernel: auto | einsum | xla | cudnn (backbone/model.py); "auto" is
+    # cuDNN flash attention on an NVIDIA GPU in bf16/fp16, the einsum reference elsewhere.
+    m.attention = "auto"
     m.lora = ml_collections.ConfigDict(
         dict(rank=16, alpha=32.0, dropout=0.1, targets=("q_proj", "v_proj"))
     )
@@ -126,6 +132,9 @@ def base_config() -> ml_collections.ConfigDict:
     # inference relies on; "none": no system message (the chat template's default, if any).
     d.train_prompt = "example"
     d.max_length = 512  # tokens per example, context truncated from the oldest turn
+    # Pack several whole examples into each row of max_length tokens (data/batching.py), each
+    # attending to its own tokens and latent only: far less padding than one example a row.
+    d.packing = False
     d.max_context = 8  # newest context utterances the summary sees
     d.encoder = "sentence-transformers/paraphrase-multilingual-mpnet-base-v2"
     d.encoder_batch_size = 64
@@ -135,8 +144,13 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 # Model options added after runs were written, each with the value that rebuilds those runs'
-# model exactly (no context dropout: no null summary parameter).
-ADDED_MODEL_OPTIONS = {("denoiser", "context_dropout"): 0.0}
+# model exactly (no context dropout: no null summary parameter). The attention kernel changes
+# no parameter; its default lets runs written before it existed resume unchanged.
+ADDED_MODEL_OPTIONS = {
+    ("denoiser", "context_dropout"): 0.0,
+    ("base_quantization",): "none",
+    ("attention",): "auto",
+}
 
 
 def fill_added_model_options(model: dict | ml_collections.ConfigDict | None) -> None:
@@ -360,6 +374,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
     for option in ("param_dtype", "compute_dtype", "trainable_dtype"):
         _one_of(m[option], ("float32", "bfloat16", "float16"), f"model.{option}")
     _one_of(m.remat, REMAT_POLICIES, "model.remat")
+    _one_of(m.attention, ATTENTION_KERNELS, "model.attention")
+    _check(
+        m.attention != "cudnn" or m.compute_dtype in ("bfloat16", "float16"),
+        "model.attention",
+        "'cudnn' needs model.compute_dtype bfloat16 or float16",
+    )
+    _one_of(m.base_quantization, QUANTIZATIONS, "model.base_quantization")
     _one_of(m.low_precision_update, LOW_PRECISION_UPDATES, "model.low_precision_update")
     _check(m.lora.rank > 0, "model.lora.rank", "must be > 0")
     _check(0 <= m.lora.dropout < 1, "model.lora.dropout", "must be in [0, 1)")

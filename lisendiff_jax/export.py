@@ -17,7 +17,10 @@ The folder holds:
   original backbone.
 
 `load_exported` rebuilds the same merged model `restore.load_workdir` gives, with the same
-weights bit for bit, so both sample identically for the same seed.
+weights bit for bit, so both sample identically for the same seed. A run on a quantized base
+(`model.base_quantization`) is exported merged and de-quantized, in the backbone's parameter
+dtype: its workdir samples on the quantized base with the adapters unmerged, close to the
+export but not bit for bit.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from lisendiff_jax.infer.restore import (
     load_tokenizer,
     restore_workdir,
 )
-from lisendiff_jax.method.lora import LoRALinear
+from lisendiff_jax.method.lora import LoRALinear, merge_lora
 from lisendiff_jax.method.model import TRAINABLE_MODULES, LatentStat, LisenDiff
 from lisendiff_jax.tiny import backbone_folder
 
@@ -162,7 +165,8 @@ def _write(model: LisenDiff, config, tokenizer, out: Path, peft: bool, source: d
     folder = backbone_folder(config.model.backbone)
     if peft:
         write_peft_adapter(model, config, str(folder), out / "peft")
-    for_inference(model)
+    # Merged even on a quantized base, which for_inference keeps: an export is float weights.
+    merge_lora(for_inference(model).backbone)
 
     dtype = np.dtype(model.backbone.embed_tokens.embedding.dtype)
     (out / "config.json").write_text(json.dumps(_hf_config(folder, dtype), indent=2))
@@ -201,8 +205,9 @@ def load_exported(folder: str | os.PathLike, dtype: str | None = None) -> Loaded
     if meta.get("format") != EXPORT_FORMAT:
         raise ExportError(f"{path}: export format {meta.get('format')!r}, expected 1")
     config = ml_collections.ConfigDict(meta["run_config"])
-    # Its LoRA starts at zero (B = 0), so merging leaves the exported, merged kernels exact.
-    model = for_inference(build_model(folder, config, meta["latent_dim"], dtype))
+    # Its LoRA starts at zero (B = 0), so merging leaves the exported, merged kernels exact;
+    # they are float even when the run's base was quantized (merge_lora de-quantizes).
+    model = for_inference(build_model(folder, config, meta["latent_dim"], dtype, quantized=False))
     targets = dict(nnx.to_flat_state(nnx.state(model, _is_module_variable)))
     by_name = {_dotted(p): v for p, v in targets.items()}
     tensors = folder / MODULES_FILE

@@ -86,10 +86,13 @@ def logical_axes(path: str, ndim: int) -> Logical:
         axes = special
     elif match := _PROJECTION_LEAF.search(path):
         # A kernel is [in, out], a bias [out]; a LoRA adapter is lora_a [in, rank] and
-        # lora_b [rank, out].
+        # lora_b [rank, out]. A quantized kernel's qvalue is [in, out] and its scale
+        # [in // tile or 1, out], split like the kernel where its size allows (`spec`).
         _, d_in, d_out = PROJECTIONS[match.group(1)]
         axes = {
             "kernel": (d_in, d_out),
+            "qvalue": (d_in, d_out),
+            "scale": (d_in, d_out),
             "bias": (d_out,),
             "lora_a": (d_in, "lora"),
             "lora_b": ("lora", d_out),
@@ -263,7 +266,11 @@ class MeshPlan:
 def _put(value: Any, sharding: NamedSharding) -> jax.Array:
     if isinstance(value, jax.Array):
         if value.sharding.is_equivalent_to(sharding, value.ndim):
-            return value  # e.g. backbone weights loaded into their shards
+            # E.g. backbone weights loaded into their shards. A one-device array is given the
+            # mesh's sharding all the same (no copy): a jitted step's outputs carry it, and
+            # fed back in place of an input of another sharding type they would compile the
+            # step a second time.
+            return value if value.sharding == sharding else jax.device_put(value, sharding)
         if jax.process_count() == 1 or not value.is_fully_addressable:
             return jax.device_put(value, sharding)  # resharding a global array
     # A value this process holds whole (freshly initialised, or NumPy): each process cuts

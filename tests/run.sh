@@ -7,6 +7,6 @@ export JAX_PLATFORMS=cpu
 ruff check .
 ruff format --check .
 # Two workers, each taking whole files (their fixtures are built once per worker): on a 2-core
-# machine the suite takes about 11 minutes, less than serially, as the tests wait on compiles,
+# machine the suite takes about 12 minutes, less than serially, as the tests wait on compiles,
 # subprocesses and sockets as much as on arithmetic. Later arguments win: `-n 0` runs serially.
 python -m pytest -q -n 2 --dist loadfile "$@"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import types
 
 import jax
 import jax.numpy as jnp
@@ -79,6 +80,46 @@ def test_greedy_generation_is_token_identical(pair):
     out = generate(ours, ids, mask, params=params)
     tokens = np.asarray(out.tokens)[:, : ref.shape[1]]
     np.testing.assert_array_equal(tokens, ref)
+
+
+def test_xla_attention_kernel_equals_the_einsum_reference(pair):
+    """jax.nn.dot_product_attention's XLA path, the call the cuDNN kernel gets on a GPU, on a
+    left-padded batch (padded rows too); a KV cache still decodes with the setting on."""
+    _, _, _, ours = pair
+    ids, mask = left_padded_batch(np.random.RandomState(4), [16, 9, 1], 16, 128)
+    args = (jnp.asarray(ids, jnp.int32), jnp.asarray(mask))
+    reference = np.asarray(ours(*args))
+    ours.attention = "xla"
+    try:
+        out = np.asarray(ours(*args))
+        cached, _ = ours.forward(*args, cache=ours.init_cache(3, 16))
+    finally:
+        ours.attention = "auto"
+    np.testing.assert_allclose(out, reference, atol=1e-5, rtol=0)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(cached)[real], reference[real], atol=1e-5, rtol=0)
+
+
+def test_auto_attention_takes_cudnn_only_where_its_probe_runs(monkeypatch):
+    from lisendiff_jax.backbone import model as backbone_model
+
+    assert backbone_model.attention_kernel("auto", jnp.bfloat16) == "einsum"  # on a CPU
+    with pytest.raises(ValueError, match="NVIDIA GPU"):
+        backbone_model.attention_kernel("cudnn", jnp.bfloat16)
+    # Pretend to be a CUDA device: "auto" follows the probe, which really runs (and on this
+    # CPU really fails to run cuDNN, so "auto" falls back instead of failing later).
+    device = types.SimpleNamespace(client=types.SimpleNamespace(platform_version="cuda 12.8"))
+    monkeypatch.setattr(backbone_model.jax, "devices", lambda: [device])
+    probe = backbone_model._cudnn_runs
+    probe.cache_clear()
+    try:
+        assert backbone_model.attention_kernel("auto", jnp.bfloat16) == "einsum"
+        assert backbone_model.attention_kernel("auto", jnp.float32) == "einsum"
+        monkeypatch.setattr(backbone_model, "_cudnn_runs", lambda dtype: True)
+        assert backbone_model.attention_kernel("auto", jnp.bfloat16) == "cudnn"
+        assert backbone_model.attention_kernel("auto", jnp.float32) == "einsum"
+    finally:
+        probe.cache_clear()  # the CPU's answer was cached under the pretended device
 
 
 def test_cached_decoding_equals_full_forward(pair):

@@ -41,6 +41,7 @@ def test_paper_config_has_appendix_b_values():
     [
         ("lr_schedule", "exp", r"--config\.lr_schedule: 'exp' is not one of"),
         ("model.remat", "some", r"--config\.model\.remat"),
+        ("model.attention", "flash", r"--config\.model\.attention: 'flash' is not one of auto"),
         ("model.low_precision_update", "fp32", r"--config\.model\.low_precision_update: 'fp32'"),
         ("model.lora.targets", ("q_proj", "qq"), r"--config\.model\.lora\.targets: 'qq'"),
         ("model.diffusion.beta_end", 0.0001, r"--config\.model\.diffusion\.beta_start"),
@@ -63,6 +64,13 @@ def test_bad_values_name_the_option(option, value, message):
         node = node[p]
     node[leaf] = value
     with pytest.raises(ConfigError, match=message):
+        validate(c)
+
+
+def test_cudnn_attention_needs_half_precision():
+    c = paper_config("x", "en")
+    c.model.attention, c.model.compute_dtype = "cudnn", "float32"
+    with pytest.raises(ConfigError, match=r"--config\.model\.attention: 'cudnn' needs"):
         validate(c)
 
 

@@ -262,11 +262,12 @@ def load_gguf(
     dtype: str | jnp.dtype = "float32",
     compute_dtype: str | jnp.dtype | None = None,
     sharding: Callable[[str, tuple[int, ...]], jax.sharding.Sharding] | None = None,
+    quantization: str = "none",
 ) -> Decoder:
     """A Decoder with the weights of a Llama or Qwen2 GGUF file; see `load_backbone`."""
     source = GGUFFile(path)
     config = source.config()
-    graphdef, state, targets = abstract_decoder(config, dtype, compute_dtype)
+    graphdef, state, targets = abstract_decoder(config, dtype, compute_dtype, quantization)
     for planned in source.plan(config, targets):
         values = source.array(planned, config)
         where = f"{source.path}: tensor {planned.tensor.name}"

@@ -35,6 +35,9 @@ PROJECTIONS: dict[str, Projection] = {
     "down_proj": Projection("mlp", "mlp", "embed"),
 }
 
+# How the frozen projections may be stored (`model.base_quantization`; backbone/quantized.py).
+QUANTIZATIONS = ("none", "int8", "int4", "nf4")
+
 _constraint: Callable[[jax.Array, Logical], jax.Array] | None = None
 
 

@@ -22,6 +22,7 @@ from flax import nnx
 
 from lisendiff_jax.backbone.config import BackboneConfig
 from lisendiff_jax.backbone.model import Decoder
+from lisendiff_jax.backbone.quantized import QuantizedSlot, quantize_projections, quantized_targets
 from lisendiff_jax.errors import UserError
 
 
@@ -194,16 +195,24 @@ Sharding = Callable[[str, tuple[int, ...]], jax.sharding.Sharding]
 
 
 def abstract_decoder(
-    config: BackboneConfig, dtype: str | jnp.dtype, compute_dtype: str | jnp.dtype | None
-) -> tuple[nnx.GraphDef, nnx.State, dict[tuple, nnx.Variable]]:
-    """A shape-only Decoder (no memory) as graph, state and its flat {path: variable} map."""
+    config: BackboneConfig,
+    dtype: str | jnp.dtype,
+    compute_dtype: str | jnp.dtype | None,
+    quantization: str = "none",
+) -> tuple[nnx.GraphDef, nnx.State, dict[tuple, nnx.Variable | QuantizedSlot]]:
+    """A shape-only Decoder (no memory) as graph, state and its flat {path: target} map: the
+    variables, and with a `quantization` one `QuantizedSlot` per projection kernel."""
     param_dtype = jnp.dtype(dtype)
     compute = jnp.dtype(compute_dtype) if compute_dtype is not None else param_dtype
     abstract = nnx.eval_shape(
-        lambda: Decoder(config, dtype=compute, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+        lambda: quantize_projections(
+            Decoder(config, dtype=compute, param_dtype=param_dtype, rngs=nnx.Rngs(0)),
+            quantization,
+        )
     )
     graphdef, state = nnx.split(abstract)
-    return graphdef, state, dict(nnx.to_flat_state(state))
+    targets = dict(nnx.to_flat_state(state))
+    return graphdef, state, quantized_targets(targets, quantization, param_dtype)
 
 
 def expected_shape(variable: nnx.Variable, transpose: bool) -> tuple[int, ...]:
@@ -212,7 +221,7 @@ def expected_shape(variable: nnx.Variable, transpose: bool) -> tuple[int, ...]:
 
 
 def place(
-    variable: nnx.Variable,
+    variable: nnx.Variable | QuantizedSlot,
     tensor: np.ndarray,
     transpose: bool,
     sharding: Sharding | None,
@@ -220,7 +229,8 @@ def place(
     where: str,
 ) -> None:
     """Sets one abstract variable from a checkpoint tensor, in the variable's dtype; `where`
-    ("FILE: tensor NAME") names it in the error for a wrong shape."""
+    ("FILE: tensor NAME") names it in the error for a wrong shape. A `QuantizedSlot`
+    quantizes the tensor as it lands, so only this one tensor is ever held in float."""
     expected = expected_shape(variable, transpose)
     if tensor.shape != expected:
         raise CheckpointError(f"{where} has shape {tuple(tensor.shape)}, expected {expected}")
@@ -234,7 +244,10 @@ def place(
         value = jax.make_array_from_callback(
             tensor.shape, placement, lambda index: np.asarray(tensor[index]).astype(dtype)
         )
-    variable.set_value(value)
+    if isinstance(variable, QuantizedSlot):
+        variable.set_value(value, sharding, ".".join(map(str, path)))
+    else:
+        variable.set_value(value)
 
 
 def lacking_error(source: str | os.PathLike, names: list[str]) -> CheckpointError:
@@ -250,6 +263,7 @@ def load_backbone(
     dtype: str | jnp.dtype = "float32",
     compute_dtype: str | jnp.dtype | None = None,
     sharding: Sharding | None = None,
+    quantization: str = "none",
 ) -> Decoder:
     """A Decoder with the checkpoint's weights in `dtype`, computing in `compute_dtype`.
 
@@ -258,14 +272,16 @@ def load_backbone(
     softmax are float32 either way. `sharding(path, shape)`, when given, places each tensor
     (path like "layers.0.mlp.up_proj.kernel") as it is read: each device receives only its own
     piece, read from the memory-mapped file, so no device or host ever holds the whole model.
+    `quantization` ("int8", "int4", "nf4"; see `backbone.quantized`) stores the decoder layers'
+    projections quantized, each quantized from its `dtype` value as it is read.
     """
     if Path(path_or_hub_id).suffix.lower() == ".gguf":
         from lisendiff_jax.backbone.gguf import load_gguf
 
-        return load_gguf(path_or_hub_id, dtype, compute_dtype, sharding)
+        return load_gguf(path_or_hub_id, dtype, compute_dtype, sharding, quantization)
     folder = resolve_checkpoint(path_or_hub_id)
     config = BackboneConfig.from_pretrained(folder)
-    graphdef, state, targets = abstract_decoder(config, dtype, compute_dtype)
+    graphdef, state, targets = abstract_decoder(config, dtype, compute_dtype, quantization)
     filled: set[tuple] = set()
     for file in safetensors_files(folder):
         for name, tensor in read_safetensors(file):

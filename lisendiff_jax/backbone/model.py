@@ -8,21 +8,82 @@ are always float32.
 
 from __future__ import annotations
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
+from jax.ad_checkpoint import checkpoint_name
 
 from lisendiff_jax.backbone.config import BackboneConfig
 from lisendiff_jax.backbone.layout import constrain
 from lisendiff_jax.backbone.rope import apply_rotary, inverse_frequencies, rotary_tables
 
+# The names `checkpoint_name` gives the attention projections' outputs, for "attention".
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
 # Rematerialisation policies for training: what each decoder layer keeps for the backward pass.
+# "attention" keeps the q/k/v/o projections' outputs (3-4 values per hidden unit and token
+# with GQA) and recomputes the norms, the attention scores and the MLP, whose three products
+# are the widest (intermediate_size) and so the costliest to keep.
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "attention": jax.checkpoint_policies.save_only_these_names(*ATTENTION_PROJECTIONS),
 }
+
+# Self-attention kernels (`Decoder.attention`). "einsum" is the reference, written out in
+# `Attention.__call__`; "xla" is jax.nn.dot_product_attention's XLA path (the same products
+# and mask value, so it checks the call that "cudnn" makes); "cudnn" is cuDNN's fused flash
+# attention (NVIDIA GPU, bf16/fp16), which never stores the [batch, heads, seq, keys] scores.
+# "auto" takes cudnn where it applies (and a small probe call of it runs) and einsum elsewhere:
+# on a CPU both other kernels run the same products, and einsum was no slower there
+# (benchmarks/README.md). Decoding with a KV cache always runs einsum: one query per step,
+# nothing for flash attention to save.
+ATTENTION_KERNELS = ("auto", "einsum", "xla", "cudnn")
+_CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+@functools.cache
+def _cudnn_runs(dtype: jnp.dtype) -> bool:
+    """Whether cuDNN's fused attention compiles and runs here with a boolean mask like ours.
+
+    "auto" asks before choosing it, so that a GPU, driver or cuDNN without a usable kernel
+    falls back to the einsum reference instead of failing inside the first train step.
+    """
+    if "cuda" not in jax.devices()[0].client.platform_version.lower():
+        return False
+    try:
+        fn = jax.jit(
+            lambda q, mask: jax.nn.dot_product_attention(q, q, q, mask=mask, implementation="cudnn")
+        )
+        # Asked while a train step is being traced: run the probe now, not in that trace.
+        with jax.ensure_compile_time_eval():
+            q = jnp.ones((1, 128, 2, 64), dtype)  # [batch, seq, heads, head_dim]
+            mask = jnp.tril(jnp.ones((128, 128), jnp.bool_))[None, None]
+            jax.block_until_ready(fn(q, mask))
+    except Exception:  # any failure to lower, compile or run means: not here
+        return False
+    return True
+
+
+def attention_kernel(setting: str, dtype: jnp.dtype) -> str:
+    """The kernel an `ATTENTION_KERNELS` setting runs for activations of `dtype` here."""
+    if setting not in ATTENTION_KERNELS:
+        raise ValueError(f"attention kernel {setting!r}: expected one of {ATTENTION_KERNELS}")
+    cuda = "cuda" in jax.devices()[0].client.platform_version.lower()
+    if setting == "auto":
+        usable = cuda and dtype in _CUDNN_DTYPES and _cudnn_runs(jnp.dtype(dtype))
+        return "cudnn" if usable else "einsum"
+    if setting == "cudnn" and not (cuda and dtype in _CUDNN_DTYPES):
+        raise ValueError(
+            f"attention kernel 'cudnn' needs an NVIDIA GPU and bfloat16/float16 activations; "
+            f"here: {jax.devices()[0].platform}, {jnp.dtype(dtype).name} (use 'auto' or 'einsum')"
+        )
+    return setting
+
 
 # The score of a masked key: far below any real score, yet finite, so that a row with no
 # allowed key (a padded query) gives uniform weights rather than NaN.
@@ -82,6 +143,7 @@ class Attention(nnx.Module):
             cfg.num_kv_heads,
             cfg.head_dim,
         )
+        self.kernel = "auto"  # an ATTENTION_KERNELS setting, set through Decoder.attention
 
     def __call__(
         self,
@@ -93,14 +155,27 @@ class Attention(nnx.Module):
         end: jax.Array | int,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        # Named for the "attention" remat policy (REMAT_POLICIES).
+        q = checkpoint_name(self.q_proj(x), "q_proj").reshape(b, t, self.num_heads, self.head_dim)
+        k = checkpoint_name(self.k_proj(x), "k_proj")
+        v = checkpoint_name(self.v_proj(x), "v_proj")
+        k = k.reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        kernel = "einsum"
         if kv is not None:
             k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, end, 0, 0))
             v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, end, 0, 0))
             kv = (k, v)
+        else:
+            kernel = attention_kernel(self.kernel, q.dtype)
+        if kernel != "einsum":
+            # Same layout ([batch, seq, heads, head_dim], query head h reads kv head
+            # h // group), scale and masked score (-0.7 x the float32 maximum) as below.
+            out = jax.nn.dot_product_attention(
+                q, k, v, mask=allowed[:, None], implementation=kernel
+            ).reshape(b, t, -1)
+            return checkpoint_name(self.o_proj(out), "o_proj"), kv
         # Query head h reads kv head h // group, matching transformers' repeat_kv layout.
         group = self.num_heads // self.num_kv_heads
         q = q.reshape(b, t, self.num_kv_heads, group, self.head_dim)
@@ -108,7 +183,7 @@ class Attention(nnx.Module):
         scores = jnp.where(allowed[:, None, None], scores * self.head_dim**-0.5, MASKED_SCORE)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, -1)
-        return self.o_proj(out), kv
+        return checkpoint_name(self.o_proj(out), "o_proj"), kv
 
 
 class MLP(nnx.Module):
@@ -144,11 +219,13 @@ class DecoderLayer(nnx.Module):
         )
         self.mlp = MLP(cfg, **kw)
 
-    def __call__(self, x, cos, sin, allowed, kv, end, latents=None, latent_mask=None):
+    def __call__(
+        self, x, cos, sin, allowed, kv, end, latents=None, latent_mask=None, segment_ids=None
+    ):
         attn_out, kv = self.self_attn(self.input_layernorm(x), cos, sin, allowed, kv, end)
         x = x + attn_out
         if self.cross_attn is not None and latents is not None:
-            x = x + self.cross_attn(x, latents, latent_mask)
+            x = x + self.cross_attn(x, latents, latent_mask, segment_ids)
         return x + self.mlp(self.post_attention_layernorm(x)), kv
 
 
@@ -191,6 +268,7 @@ class Decoder(nnx.Module):
         self.dtype = dtype
         # Set by training (see REMAT_POLICIES); inference never rematerialises.
         self.remat = "none"
+        self._attention = "auto"
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, **kw)
         self.layers = nnx.List([DecoderLayer(config, **kw) for _ in range(config.num_layers)])
@@ -206,6 +284,19 @@ class Decoder(nnx.Module):
                 **kw,
             )
 
+    @property
+    def attention(self) -> str:
+        """The self-attention kernel of every layer (ATTENTION_KERNELS); "auto" unless set."""
+        return self._attention
+
+    @attention.setter
+    def attention(self, kernel: str) -> None:
+        if kernel not in ATTENTION_KERNELS:
+            raise ValueError(f"attention kernel {kernel!r}: expected one of {ATTENTION_KERNELS}")
+        self._attention = kernel
+        for layer in self.layers:
+            layer.self_attn.kernel = kernel
+
     def __call__(
         self,
         input_ids: jax.Array,
@@ -214,9 +305,15 @@ class Decoder(nnx.Module):
         positions: jax.Array | None = None,
         latents: jax.Array | None = None,
         latent_mask: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
     ) -> jax.Array:
         logits, _ = self.forward(
-            input_ids, attention_mask, positions=positions, latents=latents, latent_mask=latent_mask
+            input_ids,
+            attention_mask,
+            positions=positions,
+            latents=latents,
+            latent_mask=latent_mask,
+            segment_ids=segment_ids,
         )
         return logits
 
@@ -229,6 +326,7 @@ class Decoder(nnx.Module):
         cache: KVCache | None = None,
         latents: jax.Array | None = None,  # [batch, L, d_latent], for attached cross-attention
         latent_mask: jax.Array | None = None,  # [batch, L]
+        segment_ids: jax.Array | None = None,  # [batch, seq] int32, packed rows (0 = padding)
     ) -> tuple[jax.Array, KVCache | None]:
         """Logits [batch, seq, vocab] (float32) and, when given a cache, the updated cache."""
         hidden, cache = self.hidden_states(
@@ -238,6 +336,7 @@ class Decoder(nnx.Module):
             cache=cache,
             latents=latents,
             latent_mask=latent_mask,
+            segment_ids=segment_ids,
         )
         return self.logits(hidden), cache
 
@@ -250,8 +349,16 @@ class Decoder(nnx.Module):
         cache: KVCache | None = None,
         latents: jax.Array | None = None,
         latent_mask: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
-        """The final-norm hidden states [batch, seq, hidden], before the LM head."""
+        """The final-norm hidden states [batch, seq, hidden], before the LM head.
+
+        `segment_ids` [batch, seq] int32 marks packed rows: several examples one after
+        another, numbered 1, 2, ... (0 on padding). Each token then attends causally within
+        its own segment only, and reads its own segment's latents (packed `latents` [batch,
+        K, L, d], see `CrossAttention`); `positions`, which restart at every segment, must
+        come with them. Training only: no cache.
+        """
         chex.assert_rank(input_ids, 2)
         b, t = input_ids.shape
         mask = (
@@ -260,6 +367,10 @@ class Decoder(nnx.Module):
             else attention_mask.astype(jnp.bool_)
         )
         chex.assert_shape(mask, (b, t))
+        if segment_ids is not None:
+            if cache is not None or positions is None:
+                raise ValueError("segment_ids (packed rows) need positions and take no cache")
+            chex.assert_shape(segment_ids, (b, t))
         start = 0 if cache is None else cache.next_position[:, None]
         if positions is None:
             positions = jnp.maximum(start + jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
@@ -275,6 +386,11 @@ class Decoder(nnx.Module):
         query_slots = end + jnp.arange(t)
         key_slots = jnp.arange(key_mask.shape[1])
         allowed = (key_slots[None, :] <= query_slots[:, None])[None] & key_mask[:, None, :]
+        if segment_ids is not None:
+            # A padding query (segment 0) keeps the view it has in an unpacked row, so no
+            # query is left without a key whatever the attention kernel does with one.
+            own = segment_ids[:, :, None] == segment_ids[:, None, :]
+            allowed &= own | (segment_ids[:, :, None] == 0)  # [batch, seq, keys]
 
         x = self.embed_tokens(input_ids)
         call_layer = _call_layer
@@ -283,7 +399,9 @@ class Decoder(nnx.Module):
         new_keys, new_values = [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.keys[i], cache.values[i])
-            x, kv = call_layer(layer, x, cos, sin, allowed, kv, end, latents, latent_mask)
+            x, kv = call_layer(
+                layer, x, cos, sin, allowed, kv, end, latents, latent_mask, segment_ids
+            )
             # On a mesh: the residual stream split by rows only, so that FSDP gathers weights
             # rather than activations (a no-op on one device).
             x = constrain(x, ("batch", "length", "act_embed"))

@@ -11,6 +11,17 @@ that are not token losses (the diffusion loss) must be weighted by `row_mask`.
 
 Order. Epoch e visits the examples in the permutation drawn from (seed, e), independent of
 earlier epochs, so a `DataPosition` (epoch, offset) is all a checkpoint needs to resume.
+
+Packing (`data.packing`). Rows of `max_length` tokens (the largest bucket) are filled greedily
+with whole examples in the same epoch order: an example joins the current row if it fits and
+the row holds fewer than `segments` (K) examples, else it opens the next row; a batch ends
+when its `batch_size` rows are full. Positions restart at each example and `segment_ids`
+number a row's examples 1..K (0 on padding), so attention stays inside each example (see
+`Decoder.hidden_states`). Per-example arrays become per segment slot, [batch, K]:
+`example_index` (an empty slot repeats the batch's first example) and `segment_mask`, which
+takes `row_mask`'s role. The offset still counts examples, so a position resumes exactly.
+The last batch of an epoch may have fewer full rows; the rest are copies of its first row
+with `segment_mask` and loss mask 0, as in an unpacked batch.
 """
 
 from __future__ import annotations
@@ -100,6 +111,91 @@ def collate(
     }
 
 
+def packing_segments(encoded: Sequence[Encoded], row_length: int) -> int:
+    """K for packed rows of `row_length` tokens: the most examples greedy packing can put in
+    one row, as many of the shortest examples as fit (at least 1)."""
+    lengths = np.sort([len(item.input_ids) for item in encoded])
+    return max(1, int(np.searchsorted(np.cumsum(lengths), row_length, side="right")))
+
+
+def pack_rows(
+    encoded: Sequence[Encoded],
+    order: np.ndarray,
+    batch_size: int,
+    row_length: int,
+    segments: int,
+) -> list[list[int]]:
+    """The rows (lists of example indices) of the packed batch that starts at `order[0]`: at
+    most `batch_size` rows of at most `segments` examples and `row_length` tokens, filled
+    greedily in order."""
+    rows: list[list[int]] = []
+    used = row_length  # tokens in the last row; a full row makes the first example open one
+    for index in order:
+        n = len(encoded[index].input_ids)
+        if used + n > row_length or len(rows[-1]) == segments:
+            if len(rows) == batch_size:
+                break
+            rows.append([])
+            used = 0
+        rows[-1].append(int(index))
+        used += n
+    return rows
+
+
+def collate_packed(
+    encoded: Sequence[Encoded],
+    rows: Sequence[Sequence[int]],
+    batch_size: int,
+    segments: int,
+    buckets: Sequence[int],
+    pad_id: int,
+) -> dict[str, np.ndarray]:
+    """One packed batch of `rows` (from `pack_rows`; at most `batch_size`).
+
+    Returns input_ids, attention_mask, loss_mask, segment_ids (1..K, 0 on padding), positions
+    [batch, seq] int32; example_index, segment_mask [batch, K] int32.
+    """
+    if not 0 < len(rows) <= batch_size:
+        raise ValueError(f"need 1..{batch_size} rows, got {len(rows)}")
+    lengths = [sum(len(encoded[i].input_ids) for i in row) for row in rows]
+    seq = bucket_length(max(lengths), buckets)
+    arrays = {
+        name: np.full((batch_size, seq), pad_id if name == "input_ids" else 0, np.int32)
+        for name in ("input_ids", "attention_mask", "loss_mask", "segment_ids", "positions")
+    }  # each [batch, seq]
+    example_index = np.full((batch_size, segments), rows[0][0], np.int32)  # [batch, K]
+    segment_mask = np.zeros((batch_size, segments), np.int32)
+    for r, row in enumerate(rows):
+        start = 0
+        for k, index in enumerate(row):
+            item = encoded[index]
+            span = slice(start, start + len(item.input_ids))
+            arrays["input_ids"][r, span] = item.input_ids
+            arrays["attention_mask"][r, span] = 1
+            arrays["loss_mask"][r, span] = item.loss_mask
+            arrays["segment_ids"][r, span] = k + 1
+            arrays["positions"][r, span] = np.arange(len(item.input_ids))
+            example_index[r, k], segment_mask[r, k] = index, 1
+            start = span.stop
+    for r in range(len(rows), batch_size):  # an epoch's last batch: masked copies of row 0
+        for name, array in arrays.items():
+            array[r] = 0 if name == "loss_mask" else array[0]
+        example_index[r] = example_index[0]
+    return {**arrays, "example_index": example_index, "segment_mask": segment_mask}
+
+
+def packed_steps_per_epoch(
+    encoded: Sequence[Encoded], batch_size: int, row_length: int, segments: int, order: np.ndarray
+) -> int:
+    """How many packed batches the epoch visiting the examples in `order` takes."""
+    steps = offset = 0
+    while offset < len(order):
+        rows = pack_rows(encoded, order[offset:], batch_size, row_length, segments)
+        offset += sum(map(len, rows))
+        steps += 1
+    return steps
+
+
 def iterate_batches(
     encoded: Sequence[Encoded],
     batch_size: int,
@@ -107,12 +203,14 @@ def iterate_batches(
     pad_id: int,
     seed: int,
     start: DataPosition = DataPosition(),
+    segments: int = 0,
 ) -> Iterator[tuple[dict[str, np.ndarray], DataPosition]]:
     """Endless stream of (batch, position after it), epoch after epoch, from `start`.
 
     Saving the position that came with a batch and passing it back as `start` continues with
     the next batch. An epoch ends with a partial batch rather than borrowing from the next one.
-    `pad_id` may be any id: padding is masked out.
+    `pad_id` may be any id: padding is masked out. `segments` > 0 packs up to that many
+    examples into each row of `buckets[-1]` tokens (`collate_packed`).
     """
     n = len(encoded)
     if n == 0:
@@ -123,8 +221,14 @@ def iterate_batches(
     while True:
         order = epoch_order(n, seed, epoch)
         while offset < n:
-            indices = order[offset : offset + batch_size]
-            offset += len(indices)
+            if segments:
+                rows = pack_rows(encoded, order[offset:], batch_size, buckets[-1], segments)
+                batch = collate_packed(encoded, rows, batch_size, segments, buckets, pad_id)
+                offset += sum(map(len, rows))
+            else:
+                indices = order[offset : offset + batch_size]
+                batch = collate(encoded, indices, batch_size, buckets, pad_id)
+                offset += len(indices)
             position = DataPosition(epoch, offset) if offset < n else DataPosition(epoch + 1, 0)
-            yield collate(encoded, indices, batch_size, buckets, pad_id), position
+            yield batch, position
         epoch, offset = epoch + 1, 0

@@ -180,7 +180,8 @@ class EmbeddedSplit:
         return len(self.response_index)
 
     def take(self, example_index: np.ndarray) -> dict[str, np.ndarray]:
-        """Per-example arrays for a batch of example indices [batch].
+        """Per-example arrays for a batch of example indices [batch] (or [batch, K], a packed
+        batch's segments: every array below then has K after batch).
 
         response_latent [batch, 1, d] (a latent set of one vector), context_embeddings
         [batch, max_context, d] (zero on padding slots), context_mask [batch, max_context]
@@ -189,7 +190,7 @@ class EmbeddedSplit:
         mask = np.asarray(self.context_mask[example_index])
         context = self.vectors[self.context_index[example_index]] * mask[..., None]
         return {
-            "response_latent": self.vectors[self.response_index[example_index]][:, None, :],
+            "response_latent": self.vectors[self.response_index[example_index]][..., None, :],
             "context_embeddings": context.astype(np.float32),
             "context_mask": mask,
             "style_id": np.asarray(self.style_id[example_index]),

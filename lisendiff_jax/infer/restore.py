@@ -3,9 +3,12 @@
 Every loader returns (model, config, tokenizer) with `model` a `LisenDiff` in eval mode whose
 LoRA adapters are merged into the base kernels (`merge_lora`): inference runs plain
 projections, and a workdir and its export (`lisendiff_jax.export`) hold the same weights bit
-for bit, so they give the same samples. `config` is the run's full config (`config.json`);
-`config.model.lisendiff` says whether the LisenDiff modules are there (False for the LoRA-only
-baseline and for a bare backbone).
+for bit, so they give the same samples. A run trained on a quantized base
+(`model.base_quantization`) keeps it quantized, its adapters unmerged on top: merging would
+de-quantize the whole backbone (an 8B's projections back to 13 GiB of bf16), the memory that
+quantizing saved. Its export, merged in bf16, then samples close to it, not bit for bit.
+`config` is the run's full config (`config.json`); `config.model.lisendiff` says whether the
+LisenDiff modules are there (False for the LoRA-only baseline and for a bare backbone).
 
 From a workdir only what inference needs is read: the trainable parameters and the latent
 statistics (orbax partial restore), not the optimizer state, which is twice their size.
@@ -30,6 +33,7 @@ from flax import nnx
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from lisendiff_jax.backbone import load_backbone
+from lisendiff_jax.backbone.quantized import is_quantized
 from lisendiff_jax.checkpoint import CheckpointNotFoundError, CorruptCheckpointError
 from lisendiff_jax.config import base_config, fill_added_model_options
 from lisendiff_jax.errors import UserError
@@ -98,22 +102,30 @@ def build_model(
     config: ml_collections.ConfigDict,
     latent_dim: int,
     dtype: str | None = None,
+    quantized: bool = True,
 ) -> LisenDiff:
     """The run's model around the backbone in `folder`, with freshly initialised trainable
     parameters (to be overwritten), LoRA not yet merged. `dtype` overrides the run's backbone
-    parameter and compute dtypes (e.g. float32 on a CPU)."""
+    parameter and compute dtypes (e.g. float32 on a CPU). The run's `model.base_quantization`
+    quantizes the backbone as training did (the same numbers), unless `quantized` is False (an
+    export, whose merged weights are float)."""
     fill_added_model_options(config.get("model"))
     m = config.model
     backbone = load_backbone(
-        folder, dtype=dtype or m.param_dtype, compute_dtype=dtype or m.compute_dtype
+        folder,
+        dtype=dtype or m.param_dtype,
+        compute_dtype=dtype or m.compute_dtype,
+        quantization=m.base_quantization if quantized else "none",
     )
     return LisenDiff(backbone, m, latent_dim, rngs=nnx.Rngs(params=0, dropout=1))
 
 
 def for_inference(model: LisenDiff) -> LisenDiff:
-    """Eval mode (no LoRA dropout) and adapters folded into the base kernels, in place."""
+    """Eval mode (no LoRA dropout) and adapters folded into the base kernels, in place; on a
+    quantized base the adapters stay, unmerged (see the module's docstring)."""
     model.eval()
-    merge_lora(model.backbone)
+    if not is_quantized(model.backbone):
+        merge_lora(model.backbone)
     return model
 
 

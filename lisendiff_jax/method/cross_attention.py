@@ -24,7 +24,7 @@ def masked_attention(
     q: jax.Array,  # [batch, t, heads, head_dim]
     k: jax.Array,  # [batch, l, heads, head_dim]
     v: jax.Array,  # [batch, l, heads, head_dim]
-    mask: jax.Array | None,  # [batch, l] bool, True on real keys
+    mask: jax.Array | None,  # [batch, l] or per query [batch, t, l] bool, True on real keys
 ) -> jax.Array:
     """Attention output [batch, t, heads, head_dim]; a query with no real key gets zeros."""
     scores = jnp.einsum("bthd,blhd->bhtl", q, k, preferred_element_type=jnp.float32)
@@ -32,7 +32,9 @@ def masked_attention(
     if mask is None:
         probs = jax.nn.softmax(scores, axis=-1)
     else:
-        allowed = mask.astype(jnp.bool_)[:, None, None, :]  # [batch, 1, 1, l]
+        mask = mask.astype(jnp.bool_)
+        # [batch, 1, 1 or t, l]: one key set for every query, or each query its own.
+        allowed = mask[:, None, None, :] if mask.ndim == 2 else mask[:, None, :, :]
         probs = jax.nn.softmax(jnp.where(allowed, scores, MASKED_SCORE), axis=-1)
         # Zeroing (rather than only masking scores) is what makes an empty key set contribute
         # nothing instead of the mean of its padding.
@@ -51,7 +53,9 @@ class MultiHeadCrossAttention(nnx.Module):
     the scores, so every query receives that key's value: the module has no q/k projections
     (they could never get a gradient) and computes o_proj(v_proj(key)) once per row,
     broadcast over the queries (zero for a row whose key is masked), exactly what attention
-    over one key computes.
+    over one key computes. A per-query mask [batch, t, l] that allows each query at most one
+    key (a packed row's token its own segment's latent) is one key per query: each query gets
+    its key's value, or zero.
     """
 
     def __init__(
@@ -86,10 +90,16 @@ class MultiHeadCrossAttention(nnx.Module):
         self,
         queries: jax.Array,  # [batch, t, query_dim]
         keys_values: jax.Array,  # [batch, l, kv_dim]
-        mask: jax.Array | None = None,  # [batch, l] bool
+        mask: jax.Array | None = None,  # [batch, l] or per query [batch, t, l] bool
     ) -> jax.Array:  # [batch, t, query_dim]
         b, t, _ = queries.shape
         n_kv = keys_values.shape[1]
+        if self.q_proj is None and mask is not None and mask.ndim == 3:
+            chex.assert_shape(mask, (b, t, n_kv))
+            value = self.o_proj(self.v_proj(keys_values))  # [batch, l, query_dim]
+            # A gather rather than a one-hot product: the value read exactly as one key gives.
+            picked = jnp.take_along_axis(value, jnp.argmax(mask, axis=-1)[..., None], axis=1)
+            return jnp.where(mask.any(axis=-1, keepdims=True), picked, 0)
         if self.q_proj is None:  # one key: the same value for every query (queries unread)
             chex.assert_axis_dimension(keys_values, 1, 1)
             value = self.o_proj(self.v_proj(keys_values))  # [batch, 1, query_dim]
@@ -178,6 +188,12 @@ class CrossAttention(nnx.Module):
     o_proj(v_proj(LN(latent))) at every position: that is all the module computes, once per
     row, and it has no query norm and no q/k projections, which would never get a gradient.
 
+    Packed rows (several examples in one row, `segment_ids` [batch, seq] numbering them 1..K,
+    0 on padding) bring one latent set per segment, [batch, K, L, latent_dim]; each token reads
+    its own segment's set only (a padding token reads none). The K sets are flattened into one
+    key set of K * L with a per-token mask, so each token computes what it would alone in its
+    row.
+
     `inner_dim` (default hidden_size) sets the attention width, and with it the cost. Per layer
     there are hidden*inner + latent_dim*inner projection weights (v, o) for L = 1, twice that
     (q, k, v, o) for L > 1. Llama-3.1-8B (hidden 4096, latent 768), 12 layers, with fp32
@@ -225,20 +241,30 @@ class CrossAttention(nnx.Module):
         x: jax.Array,  # [batch, seq, hidden] in the backbone's compute dtype
         latents: jax.Array,  # [batch, L, latent_dim] float32
         latent_mask: jax.Array | None = None,  # [batch, L] bool, True on real latents
+        segment_ids: jax.Array | None = None,  # [batch, seq] int32: packed latents [b, K, L, d]
     ) -> jax.Array:  # [batch, seq, hidden] in x's dtype
-        chex.assert_rank([x, latents], 3)
+        packed = segment_ids is not None
+        chex.assert_rank([x, latents], [3, 4 if packed else 3])
         chex.assert_axis_dimension(x, 2, self.hidden_size)
-        chex.assert_axis_dimension(latents, 2, self.latent_dim)
+        chex.assert_axis_dimension(latents, -1, self.latent_dim)
         chex.assert_axis_dimension(
             latents,
-            1,
+            -2,
             self.num_latents,
-            custom_message="latents [batch, L, d]: this cross-attention was built for "
+            custom_message="latents [batch, (K,) L, d]: this cross-attention was built for "
             f"L = model.cross_attention.num_latents = {self.num_latents}",
         )
         chex.assert_equal_shape_prefix([x, latents], 1)
         if latent_mask is not None:
-            chex.assert_shape(latent_mask, latents.shape[:2])
+            chex.assert_shape(latent_mask, latents.shape[:-1])
+        if packed:
+            chex.assert_shape(segment_ids, x.shape[:2])
+            b, k, n, d = latents.shape
+            key_segment = jnp.repeat(jnp.arange(1, k + 1, dtype=segment_ids.dtype), n)  # [K*L]
+            per_token = segment_ids[:, :, None] == key_segment  # [batch, seq, K*L]
+            if latent_mask is not None:
+                per_token &= latent_mask.astype(jnp.bool_).reshape(b, 1, k * n)
+            latents, latent_mask = latents.reshape(b, k * n, d), per_token
         queries = x if self.norm is None else self.norm(x)  # one latent: only x's shape is read
         out = self.attn(queries, self.latent_norm(latents), latent_mask)
         return out.astype(x.dtype)

@@ -31,17 +31,19 @@ from flax import nnx
 
 from lisendiff_jax.backbone.layout import PROJECTIONS
 from lisendiff_jax.backbone.model import Decoder
+from lisendiff_jax.backbone.quantized import QuantizedLinear, dequantize_projections
 
 # torch's kaiming_uniform_(a=sqrt(5)), PEFT's init for A: uniform in +-1/sqrt(fan_in).
 _kaiming_uniform = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
 
 class LoRALinear(nnx.Module):
-    """A frozen `nnx.Linear` plus a trainable low-rank update, computed in the base's dtype."""
+    """A frozen `nnx.Linear` (or `QuantizedLinear`) plus a trainable low-rank update, computed
+    in the base's dtype."""
 
     def __init__(
         self,
-        base: nnx.Linear,
+        base: nnx.Linear | QuantizedLinear,
         *,
         rank: int,
         alpha: float,
@@ -69,10 +71,15 @@ class LoRALinear(nnx.Module):
         return self.base(x) + self.scale * update
 
     def merged_kernel(self) -> jax.Array:
-        """W + scale * A @ B [in, out], summed in float32 and stored in the base's dtype."""
-        kernel = self.base.kernel[...]
+        """W + scale * A @ B [in, out], summed in float32 and stored in the base's parameter
+        dtype (a quantized W is de-quantized to float32 first)."""
+        if isinstance(self.base, QuantizedLinear):
+            kernel, dtype = self.base.float_kernel(), self.base.param_dtype
+        else:
+            kernel = self.base.kernel[...]
+            dtype = kernel.dtype
         delta = self.lora_a[...].astype(jnp.float32) @ self.lora_b[...].astype(jnp.float32)
-        return (kernel.astype(jnp.float32) + self.scale * delta).astype(kernel.dtype)
+        return (kernel.astype(jnp.float32) + self.scale * delta).astype(dtype)
 
 
 def _projections(model: Decoder) -> list[tuple[nnx.Module, str]]:
@@ -121,11 +128,19 @@ def merge_lora(model: Decoder) -> Decoder:
     """Folds every adapter into its base kernel and puts the plain `nnx.Linear` back, in place;
     returns `model`, now a plain Decoder with the original parameter paths.
 
+    A quantized base becomes a float `nnx.Linear` of W de-quantized plus the update, and the
+    projections without adapters are de-quantized too: the merged model holds the float
+    weights an export writes (inference from a workdir keeps a quantized base unmerged,
+    `infer.restore.for_inference`).
+
     In place because the backbone is large; `nnx.clone` the model first to keep the adapters.
     """
     for block, name in _projections(model):
         lora = getattr(block, name)
         if isinstance(lora, LoRALinear):
-            lora.base.kernel.set_value(lora.merged_kernel())
-            setattr(block, name, lora.base)
-    return model
+            if isinstance(lora.base, QuantizedLinear):
+                setattr(block, name, lora.base.to_linear(lora.merged_kernel()))
+            else:
+                lora.base.kernel.set_value(lora.merged_kernel())
+                setattr(block, name, lora.base)
+    return dequantize_projections(model)

@@ -140,16 +140,26 @@ class LisenDiff(nnx.Module):
 
         `batch` holds input_ids, attention_mask, loss_mask [B, T]; row_mask, style_id [B];
         response_latent [B, L, d]; context_embeddings [B, n_ctx, d], context_mask [B, n_ctx].
+        A packed batch (data.batching.collate_packed: K examples per row) has instead
+        segment_ids, positions [B, T]; segment_mask, style_id [B, K]; response_latent
+        [B, K, L, d]; context_embeddings [B, K, n_ctx, d], context_mask [B, K, n_ctx].
         """
         ids = batch["input_ids"]
         chex.assert_rank(ids, 2)
-        latents = batch["response_latent"].astype(jnp.float32)  # [B, L, d]
-        chex.assert_shape(latents, (ids.shape[0], None, self.latent_dim))
+        segment_ids = batch.get("segment_ids")  # [B, T], packed rows only
+        latents = batch["response_latent"].astype(jnp.float32)  # [B, (K,) L, d]
+        chex.assert_shape(latents, (ids.shape[0], *[None] * (latents.ndim - 2), self.latent_dim))
         hidden, _ = self.backbone.hidden_states(
-            ids, batch["attention_mask"], latents=latents if self.lisendiff else None
+            ids,
+            batch["attention_mask"],
+            positions=batch.get("positions"),
+            latents=latents if self.lisendiff else None,
+            segment_ids=segment_ids,
         )
         # Position i predicts token i + 1; loss_mask marks the response tokens themselves.
         weights = batch["loss_mask"][:, 1:].astype(jnp.float32)
+        if segment_ids is not None:  # no prediction across a segment boundary
+            weights *= segment_ids[:, 1:] == segment_ids[:, :-1]
         vocab = self.backbone.config.vocab_size
         nll = token_nll(self.backbone.logits, hidden[:, :-1], ids[:, 1:], weights, vocab)
         lm_loss = nll / jnp.maximum(weights.sum(), 1.0)
@@ -212,7 +222,12 @@ def diffusion_loss(
     context_dropout: float = 0.0,
 ) -> jax.Array:
     """L_diff of one batch (the keys `LisenDiff.losses` names; no token arrays needed): the x0
-    loss of each row's style denoiser at a random step, on standardised latents."""
+    loss of each row's style denoiser at a random step, on standardised latents. A packed
+    batch's examples are its B x K segment slots, weighted by `segment_mask`."""
+    if "segment_mask" in batch:  # packed: [B, K, ...] -> [B*K, ...], one example per slot
+        keys = ("response_latent", "style_id", "context_embeddings", "context_mask", "segment_mask")
+        flat = {k: batch[k].reshape(-1, *batch[k].shape[2:]) for k in keys}
+        batch = dict(flat, row_mask=flat.pop("segment_mask"))
     latents = batch["response_latent"].astype(jnp.float32)  # [B, L, d]
     style = batch["style_id"]  # [B]
     schedule = settings.make()

@@ -47,7 +47,14 @@ from lisendiff_jax.config import (
     validate,
 )
 from lisendiff_jax.data import Example, Mix, build_mix, summary_table
-from lisendiff_jax.data.batching import DataPosition, iterate_batches, length_buckets
+from lisendiff_jax.data.batching import (
+    DataPosition,
+    epoch_order,
+    iterate_batches,
+    length_buckets,
+    packed_steps_per_epoch,
+    packing_segments,
+)
 from lisendiff_jax.data.encoder import make_encoder
 from lisendiff_jax.data.encoder_cache import prepare_split
 from lisendiff_jax.data.formatting import (
@@ -79,6 +86,7 @@ def _check_workdir_config(workdir: Path, config: ml_collections.ConfigDict) -> N
     # Workdirs written before data.train_prompt existed were trained with the target prompt.
     saved.get("data", {}).setdefault("train_prompt", "target")
     saved.get("data", {}).setdefault("prompt_texts", {})
+    saved.get("data", {}).setdefault("packing", False)  # unpacked before the option existed
     current = json.loads(config.to_json())
     # The prompts file may move; its prompts (data.prompt_texts, compared) may not change.
     for data in (saved.get("data", {}), current["data"]):
@@ -121,6 +129,16 @@ def training_prompts(data: ml_collections.ConfigDict, mix: Mix) -> str | Mapping
                 "--config.data.train_prompt=target or none"
             )
     return prompts
+
+
+def data_mix(config: ml_collections.ConfigDict) -> Mix:
+    """The examples of the config's `data.sources`, drawn with its seed."""
+    d = config.data
+    sources = [
+        dict(src, name=name, split=src.split or None, on_error=d.on_error)
+        for name, src in d.sources.items()
+    ]
+    return build_mix(sources, config.seed, d.unit)
 
 
 class MetricsLog:
@@ -188,14 +206,7 @@ class Trainer:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         if not tokenizer.chat_template:
             raise ConfigError(f"--config.model.backbone: {folder} has no chat template")
-        mix = build_mix(
-            [
-                dict(src, name=name, split=src.split or None, on_error=d.on_error)
-                for name, src in d.sources.items()
-            ],
-            config.seed,
-            d.unit,
-        )
+        mix = data_mix(config)
         if self.primary:
             print(summary_table(mix))
         self.examples: list[Example] = mix.examples
@@ -229,21 +240,36 @@ class Trainer:
             self.split = prepare()
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.buckets = length_buckets(d.max_length)
+        # Packed rows hold up to this many examples (0: one example per row, unpacked).
+        self.segments = packing_segments(self.encoded, d.max_length) if d.packing else 0
+        if self.primary and self.segments:
+            print(f"packing: up to {self.segments} examples in each row of {d.max_length} tokens")
 
         backbone = load_backbone(
             folder,
             dtype=m.param_dtype,
             compute_dtype=m.compute_dtype,
             sharding=shard_fn(self.mesh),
+            quantization=m.base_quantization,
         )
-        backbone.remat = m.remat
+        backbone.remat, backbone.attention = m.remat, m.attention
         seed = config.seed
         model = LisenDiff(backbone, m, encoder.dim, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
         model.set_latent_stats(fit_latent_stats(self.split.response_latents))
         graphdef, trainable, frozen = split_for_training(model)
         self.graphdef = graphdef
         self.trainable, self.frozen = self.mesh.place(trainable), self.mesh.place(frozen)
-        self.total_steps = config.num_steps or math.ceil(len(self.examples) / config.batch_size)
+        self.total_steps = config.num_steps or (
+            packed_steps_per_epoch(
+                self.encoded,
+                config.batch_size,
+                d.max_length,
+                self.segments,
+                epoch_order(len(self.encoded), seed, 0),
+            )
+            if self.segments
+            else math.ceil(len(self.examples) / config.batch_size)
+        )
         self.tx = make_optimizer(config, max(self.total_steps // config.grad_accum_steps, 1))
         self.shardings = self.mesh.step_shardings(
             self.trainable,
@@ -313,6 +339,7 @@ class Trainer:
             self.pad_id,
             self.config.seed,
             start=self.position,
+            segments=self.segments,
         )
         rows, size = self.mesh.process_rows(self.config.batch_size), self.config.batch_size
         for tokens, position in stream:
