@@ -10,9 +10,22 @@ sequence. "ours lora_only" is the like-for-like comparison (no LisenDiff modules
 
     python benchmarks/bench_train_step.py --mfu-from-log benchmarks/results_gpu_h200.log
 
-On a GPU it also prints model FLOPs utilisation (MFU, see `train_flops`) and peak memory, and
-whether that fits 24 GB. `--mfu-from-log` recomputes FLOPs, MFU and the ratios to PEFT of the
-results in a saved log of this script (from their tokens/s) without running anything.
+    python benchmarks/bench_train_step.py --packing /data/esconv/esconv_dev.jsonl --steps 16
+
+`--packing ESCONV_JSONL` instead trains the LisenDiff step on real dialogue, the bundled
+samples plus that ESConv file (the JSONL dialogue format, docs/data.md) tokenised as the
+embedded default does, and prints real (non-padding) tokens per second and the padding
+fraction of bucketed batches (one example a row) and packed ones (`data.packing`), over the
+same examples: the first `--steps` bucketed batches.
+
+    python benchmarks/bench_train_step.py --base-quantization none int8 nf4   # float vs qwix
+
+`--base-quantization` runs each variant once per storage of the frozen projections ("none":
+float; int8, int4, nf4 as `model.base_quantization`), side by side, and prints each quantized
+step's tokens/s as a ratio to the float one's. On a GPU it also prints model FLOPs utilisation
+(MFU, see `train_flops`) and peak memory, and whether that fits a 24, 16 or 12 GB card.
+`--mfu-from-log` recomputes FLOPs, MFU and the ratios to PEFT of the results in a saved log of
+this script (from their tokens/s) without running anything.
 """
 
 from __future__ import annotations
@@ -26,6 +39,8 @@ import platform
 import re
 import statistics
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -34,10 +49,16 @@ import numpy as np
 from flax import nnx
 
 from lisendiff_jax.backbone import BackboneConfig
-from lisendiff_jax.backbone.model import Decoder
+from lisendiff_jax.backbone.layout import QUANTIZATIONS
+from lisendiff_jax.backbone.model import ATTENTION_KERNELS, REMAT_POLICIES, Decoder, DecoderLayer
 from lisendiff_jax.backbone.presets import LLAMA_3_1_8B, LLAMA_34M, transformers_kwargs
-from lisendiff_jax.config import paper_config
+from lisendiff_jax.backbone.quantized import quantize_layer
+from lisendiff_jax.config import load_config, paper_config, source
+from lisendiff_jax.data.batching import iterate_batches, length_buckets, packing_segments
+from lisendiff_jax.data.formatting import encode_examples
 from lisendiff_jax.method.model import LisenDiff, split_for_training, training_loss
+from lisendiff_jax.tiny import backbone_folder
+from lisendiff_jax.train.loop import data_mix, training_prompts
 from lisendiff_jax.train.step import make_optimizer, make_train_step
 
 SIZES = {"34m": LLAMA_34M, "8b": LLAMA_3_1_8B}
@@ -46,6 +67,8 @@ N_LATENTS = 1  # response latents per example
 N_CONTEXT = 8  # context utterance embeddings per example
 # Dense bf16 peak (H100 / H200 SXM), for MFU.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
+# A card of N GB (N GiB of memory) "fits" a run whose peak leaves it half a GiB free.
+CARDS_GB = (24, 16, 12)
 
 
 def synthetic_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -124,13 +147,14 @@ def train_flops(model: LisenDiff, seq: int) -> TrainFlops:
     for state, trains in ((trainable, True), (rest, False)):
         for path, leaf in nnx.to_flat_state(state):
             path = tuple(map(str, path))
-            if path[-1] not in ("kernel", "lora_a", "lora_b"):  # vectors, lookup tables
+            # A quantized projection's weight matrix is its qvalue [in, out].
+            if path[-1] not in ("kernel", "qvalue", "lora_a", "lora_b"):  # vectors, tables
                 continue
             rows = _rows(path, seq, n_queries)
             entries = rows * math.prod(leaf.shape)  # multiply-adds per example
             n += entries
             n_trainable += entries if trains else 0
-            if path[-1] == "kernel" and "q_proj" in path:
+            if path[-1] in ("kernel", "qvalue") and "q_proj" in path:
                 keys = _rows(tuple("k_proj" if p == "q_proj" else p for p in path), seq, n_queries)
                 width = math.prod(leaf.shape[:-2]) * leaf.shape[-1]  # (styles x) heads x head_dim
                 attention += 2 * rows * keys * width
@@ -148,12 +172,15 @@ def mfu(tokens_per_s: float, flops: TrainFlops, peak_tflops: float) -> float:
 
 
 def bench_config(size: str, lisendiff: bool) -> ml_collections.ConfigDict:
-    """The paper's settings; on the 34M model fp32, no remat and smaller cross-attention."""
+    """The paper's settings; on the 34M model fp32 (Adam's moments too, as PEFT's AdamW keeps
+    them), no remat and smaller cross-attention."""
     config = paper_config("bench", "ja", lisendiff)
     config.learning_rate = 1e-4
     m = config.model
     m.cross_attention.num_latents = N_LATENTS  # what synthetic_batch gives
     if size == "34m":
+        # bf16 moments cost the CPU step about 5% in random bits for their stochastic rounding.
+        config.optimizer_state_dtype = "float32"
         m.param_dtype = m.compute_dtype = "float32"
         m.remat = "none"
         m.cross_attention.last_n_layers = 4
@@ -161,47 +188,84 @@ def bench_config(size: str, lisendiff: bool) -> ml_collections.ConfigDict:
     return config
 
 
-def build_model(size: str, m: ml_collections.ConfigDict) -> LisenDiff:
+def build_model(size: str, m: ml_collections.ConfigDict, quantization: str = "none") -> LisenDiff:
     bc = BackboneConfig.from_hf_dict(SIZES[size])
-    decoder = Decoder(
-        bc,
-        dtype=jnp.dtype(m.compute_dtype),
-        param_dtype=jnp.dtype(m.param_dtype),
-        rngs=nnx.Rngs(0),
-    )
+    kw = dict(dtype=jnp.dtype(m.compute_dtype), param_dtype=jnp.dtype(m.param_dtype))
+    if quantization == "none":
+        decoder = Decoder(bc, **kw, rngs=nnx.Rngs(0))
+    else:
+        decoder = quantized_decoder(bc, kw, quantization)
     return LisenDiff(decoder, m, LATENT_DIM, rngs=nnx.Rngs(params=1, dropout=2))
 
 
-def run_ours(args, lisendiff: bool) -> dict:
-    config = bench_config(args.size, lisendiff)
-    m = config.model
-    bc = BackboneConfig.from_hf_dict(SIZES[args.size])
-    model = nnx.jit(functools.partial(build_model, args.size, m))()
-    model.backbone.remat = m.remat
-    flops = train_flops(model, args.seq)
-    graphdef, trainable, frozen = split_for_training(model)
-    del model
-    tx = make_optimizer(config, 1000)
-    opt_state = tx.init(trainable)
-    step = make_train_step(tx, functools.partial(training_loss, graphdef))
-    batch = {
-        k: jnp.asarray(v) for k, v in synthetic_batch(args.batch, args.seq, bc.vocab_size).items()
-    }
-    state = {"trainable": trainable, "opt": opt_state}
+def quantized_decoder(bc: BackboneConfig, kw: dict, quantization: str) -> Decoder:
+    """A random backbone whose projections are stored quantized, made layer by layer, each
+    quantized in the jitted call that makes it: at most one layer is ever float. (Made whole,
+    the float 8B, 15 GiB in bf16, would set the peak memory reported.)"""
+    decoder = Decoder(dataclasses.replace(bc, num_layers=0), **kw, rngs=nnx.Rngs(0))
+    make_layer = nnx.jit(
+        lambda key: quantize_layer(DecoderLayer(bc, **kw, rngs=nnx.Rngs(key)), quantization)
+    )
+    decoder.layers = nnx.List([make_layer(jax.random.key(i + 1)) for i in range(bc.num_layers)])
+    decoder.config = bc
+    return decoder
 
-    def one_step(i: int) -> None:
+
+def make_ours(
+    size: str,
+    lisendiff: bool,
+    quantization: str = "none",
+    attention: str = "auto",
+    remat: str | None = None,
+) -> tuple[LisenDiff, dict, Callable[..., None]]:
+    """A random model of `size` (its frozen projections stored as `quantization` says, its
+    self-attention kernel `attention`, rematerialised as `remat` says or as `bench_config`),
+    its training state {"trainable", "opt", "temp_bytes"} and `one_step(batch, i)`, which
+    trains it one step of our jitted step (in place, key i). `temp_bytes(batch)` is XLA's
+    temporary memory for a step on `batch`, compiled, not run."""
+    config = bench_config(size, lisendiff)
+    m = config.model
+    m.attention, m.remat = attention, remat or m.remat
+    if quantization == "none":
+        model = nnx.jit(functools.partial(build_model, size, m))()
+    else:  # made outside jit: a jitted call would copy the quantized backbone it is given
+        model = build_model(size, m, quantization)
+    model.backbone.remat, model.backbone.attention = m.remat, m.attention
+    graphdef, trainable, frozen = split_for_training(model)
+    tx = make_optimizer(config, 1000)
+    step = make_train_step(tx, functools.partial(training_loss, graphdef))
+    state = {"trainable": trainable, "opt": tx.init(trainable)}
+
+    def one_step(batch: dict[str, jax.Array], i: int) -> None:
         state["trainable"], state["opt"], metrics = step(
             state["trainable"], frozen, state["opt"], batch, jax.random.key(i)
         )
         jax.block_until_ready(metrics["loss"])
 
+    def temp_bytes(batch: dict[str, jax.Array]) -> int:
+        lowered = step.lower(state["trainable"], frozen, state["opt"], batch, jax.random.key(0))
+        return lowered.compile().memory_analysis().temp_size_in_bytes
+
+    state["temp_bytes"] = temp_bytes
+    return model, state, one_step
+
+
+def run_ours(args, lisendiff: bool, quantization: str = "none") -> dict:
+    bc = BackboneConfig.from_hf_dict(SIZES[args.size])
+    model, state, one_step = make_ours(args.size, lisendiff, quantization, args.attention[0])
+    flops = train_flops(model, args.seq)
+    del model
+    batch = {
+        k: jnp.asarray(v) for k, v in synthetic_batch(args.batch, args.seq, bc.vocab_size).items()
+    }
+
     start = time.perf_counter()
-    one_step(0)
+    one_step(batch, 0)
     compile_s = time.perf_counter() - start
     times = []
     for i in range(args.steps):
         start = time.perf_counter()
-        one_step(i + 1)
+        one_step(batch, i + 1)
         times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
     result = {
@@ -217,9 +281,9 @@ def run_ours(args, lisendiff: bool) -> dict:
     return result
 
 
-def run_peft(args) -> dict:
-    """transformers + PEFT: fp32 on the CPU; on a GPU bf16 weights with gradient checkpointing,
-    the settings a user would pick to fit one card (as ours rematerialises)."""
+def make_peft(args) -> Callable[[], None]:
+    """transformers + PEFT's `one_step()`: fp32 on the CPU; on a GPU bf16 weights with gradient
+    checkpointing, the settings a user would pick to fit one card (as ours rematerialises)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -261,6 +325,14 @@ def run_peft(args) -> dict:
         if gpu:
             torch.cuda.synchronize()
 
+    return one_step
+
+
+def run_peft(args) -> dict:
+    import torch
+
+    gpu = torch.cuda.is_available()
+    one_step = make_peft(args)
     one_step()
     times = []
     for _ in range(args.steps):
@@ -272,6 +344,128 @@ def run_peft(args) -> dict:
     if gpu:
         result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return result
+
+
+def run_in_turns(args) -> None:
+    """Ours LoRA-only, once per `--attention` kernel and `--remat` policy (with XLA's temporary
+    memory for its step), and transformers + PEFT unless `--no-peft`: one step of each in turn,
+    so that a machine shared with other work slows all alike; medians and ratios."""
+    bc = BackboneConfig.from_hf_dict(SIZES[args.size])
+    batch = {
+        k: jnp.asarray(v) for k, v in synthetic_batch(args.batch, args.seq, bc.vocab_size).items()
+    }
+    steps: dict[str, Callable[[int], None]] = {}
+    for attention in args.attention:
+        for remat in args.remat or [None]:
+            _, state, ours = make_ours(args.size, False, attention=attention, remat=remat)
+            name = f"attention {attention}" + (f" remat {remat}" if remat else "")
+            steps[name] = functools.partial(ours, batch)
+            print(f"{name:>30}: XLA temporary memory {state['temp_bytes'](batch) / 2**20:.0f} MiB")
+    if not args.no_peft:
+        peft = make_peft(args)
+        steps["peft"] = lambda i: peft()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for i in range(args.steps + 1):  # the first turn compiles and warms up
+        for name, one_step in steps.items():
+            start = time.perf_counter()
+            one_step(i)
+            if i:
+                times[name].append(time.perf_counter() - start)
+    tokens = {}
+    for name, t in times.items():
+        seconds = statistics.median(t)
+        tokens[name] = args.batch * args.seq / seconds
+        print(f"{name:>30}: {tokens[name]:9.1f} tok/s  step {seconds * 1e3:8.1f} ms  (in turns)")
+    for name in tokens if "peft" in tokens else ():
+        if name != "peft":
+            ratio = tokens[name] / tokens["peft"]
+            print(f"ratio ours lora_only {name} / transformers+PEFT: {ratio:.2f}")
+
+
+def real_batches(esconv: str, batch: int, steps: int) -> tuple[list, list, int, np.ndarray]:
+    """The embedded default's data (configs/tiny.py: the bundled samples, its tokenizer, prompts
+    and max_length) plus ESConv from `esconv`, in epoch 0's order: its first `steps` bucketed
+    batches and the packed batches of the same examples, with random latents and contexts in
+    place of the cached embeddings (the step's cost does not depend on their values). Returns
+    (bucketed, packed, K, every example's length in tokens)."""
+    from transformers import AutoTokenizer
+
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
+    d = config.data
+    d.sources.esconv_file = source("jsonl", esconv, 1.0)
+    mix = data_mix(config)
+    tokenizer = AutoTokenizer.from_pretrained(backbone_folder(config.model.backbone))
+    encoded = encode_examples(
+        tokenizer, mix.examples, training_prompts(d, mix), d.max_length, progress=False
+    )
+    buckets, pad = length_buckets(d.max_length), tokenizer.pad_token_id or 0
+    segments = packing_segments(encoded, d.max_length)
+    rng = np.random.default_rng(0)
+
+    def first(examples: int, segments: int) -> list[dict[str, jax.Array]]:
+        """The batches of epoch 0 up to the one that holds its `examples`-th example."""
+        out = []
+        stream = iterate_batches(encoded, batch, buckets, pad, config.seed, segments=segments)
+        for tokens, position in stream:
+            index = tokens.pop("example_index")  # [batch], or packed [batch, K]
+            tokens.update(
+                response_latent=rng.standard_normal((*index.shape, N_LATENTS, LATENT_DIM)),
+                context_embeddings=rng.standard_normal((*index.shape, N_CONTEXT, LATENT_DIM)),
+                context_mask=np.ones((*index.shape, N_CONTEXT), bool),
+                style_id=(index % 2).astype(np.int32),
+            )
+            out.append(
+                {
+                    k: jnp.asarray(v.astype(np.float32) if v.dtype == np.float64 else v)
+                    for k, v in tokens.items()
+                }
+            )
+            if position.offset >= examples or position.epoch:
+                return out
+
+    n = min(steps * batch, len(encoded))
+    lengths = np.array([len(item.input_ids) for item in encoded])
+    return first(n, 0), first(n, segments), segments, lengths
+
+
+def run_packing(args) -> None:
+    """Real tokens/s of our LisenDiff step, bucketed vs packed, on the same examples (each
+    batch shape compiled before timing, the two timed in turns)."""
+    bucketed, packed, segments, lengths = real_batches(args.packing, args.batch, args.steps)
+    _, _, one_step = make_ours(args.size, lisendiff=True)
+    print(
+        f"data: {len(lengths)} examples (bundled samples + {args.packing}), tokenised as the "
+        f"embedded default does: {lengths.min()} to {lengths.max()} tokens, median "
+        f"{np.median(lengths):.0f}; packed rows of {packed[0]['input_ids'].shape[1]} tokens, "
+        f"up to {segments} examples each"
+    )
+    runs = {"bucketed": bucketed, "packed": packed}
+    shapes = {name: {b["input_ids"].shape: b for b in batches} for name, batches in runs.items()}
+    for name in runs:  # compile every shape first
+        for i, b in enumerate(shapes[name].values()):
+            one_step(b, i)
+    # Steps of the two in turns, so that both see the same load on a shared machine.
+    seconds = dict.fromkeys(runs, 0.0)
+    for i in range(max(map(len, runs.values()))):
+        for name, batches in runs.items():
+            if i < len(batches):
+                start = time.perf_counter()
+                one_step(batches[i], i)
+                seconds[name] += time.perf_counter() - start
+    results = {}
+    for name, batches in runs.items():
+        real = sum(int(b["attention_mask"].sum()) for b in batches)
+        slots = sum(b["input_ids"].size for b in batches)
+        examples = sum(int(b.get("segment_mask", b.get("row_mask")).sum()) for b in batches)
+        results[name] = real / seconds[name]
+        print(
+            f"{name:>10}: {results[name]:9.1f} real tok/s  "
+            f"padding {100 * (1 - real / slots):4.1f}%  {examples} examples, {real} real "
+            f"tokens in {len(batches)} steps of {args.batch} rows "
+            f"(lengths {sorted(s[1] for s in shapes[name])}), {seconds[name]:.1f} s",
+            flush=True,
+        )
+    print(f"ratio packed / bucketed (real tokens/s): {results['packed'] / results['bucketed']:.2f}")
 
 
 def peak_tflops(device_kind: str) -> float | None:
@@ -328,10 +522,44 @@ def main() -> None:
         choices=["lora_only", "lisendiff"],
     )
     parser.add_argument(
+        "--base-quantization",
+        nargs="+",
+        default=["none"],
+        choices=QUANTIZATIONS,
+        help="how the frozen projections are stored (model.base_quantization), one run of each "
+        "variant per value, side by side: e.g. none int8 nf4 (none: float)",
+    )
+    parser.add_argument(
+        "--attention",
+        nargs="+",
+        default=["auto"],
+        choices=ATTENTION_KERNELS,
+        help="our self-attention kernel (model.attention; auto: cuDNN on a GPU, einsum on a "
+        "CPU); with --in-turns, one run of each",
+    )
+    parser.add_argument(
+        "--remat",
+        nargs="+",
+        choices=sorted(REMAT_POLICIES),
+        help="with --in-turns, one run of each rematerialisation policy (model.remat)",
+    )
+    parser.add_argument(
+        "--in-turns",
+        action="store_true",
+        help="only ours LoRA-only (per --attention and --remat) and transformers + PEFT, one "
+        "step of each in turn (for a machine shared with other work)",
+    )
+    parser.add_argument(
         "--mfu-from-log",
         metavar="LOG",
         help="only recompute FLOPs, MFU and the ratios to PEFT from the tokens/s in a log "
         "of this script or of gpu_check.sh",
+    )
+    parser.add_argument(
+        "--packing",
+        metavar="ESCONV_JSONL",
+        help="only compare bucketed and packed batches of real dialogue (the bundled samples "
+        "plus this ESConv file in the JSONL dialogue format): real tokens/s and padding",
     )
     args = parser.parse_args()
     if args.mfu_from_log:
@@ -343,27 +571,51 @@ def main() -> None:
         f"machine: {platform.machine()}, {os.cpu_count()} CPU cores; jax {jax.__version__} "
         f"on {device.platform} ({device.device_kind})"
     )
+    if args.packing:
+        print(f"model: random Llama, size {args.size}, LisenDiff; batch {args.batch} rows")
+        run_packing(args)
+        return
+    if args.in_turns:
+        print(
+            f"model: random Llama, size {args.size}; batch {args.batch} x seq {args.seq}; "
+            f"median of {args.steps} steps in turns after one warm-up"
+        )
+        run_in_turns(args)
+        return
     print(
         f"model: random Llama, size {args.size}; batch {args.batch} x seq {args.seq}; "
         f"median of {args.steps} steps after one warm-up"
     )
     results = {}
     for variant in args.variants:
-        results[variant] = run_ours(args, lisendiff=variant == "lisendiff")
+        for quantization in args.base_quantization:
+            name = variant if quantization == "none" else f"{variant} {quantization}"
+            results[name] = run_ours(args, variant == "lisendiff", quantization)
     if not args.no_peft:
         results["peft"] = run_peft(args)
     peak = peak_tflops(device.device_kind)
     for name, r in results.items():
-        line = f"{name:>10}: {r['tokens_per_s']:9.1f} tok/s  step {r['step_s'] * 1e3:8.1f} ms"
+        line = f"{name:>14}: {r['tokens_per_s']:9.1f} tok/s  step {r['step_s'] * 1e3:8.1f} ms"
         if "compile_s" in r:
             line += f"  compile {r['compile_s']:.1f} s  trainable {r['trainable_M']:.1f}M"
             line += f"  {r['flops'].per_token / 1e9:.2f} GFLOP/token"
             if peak:
                 line += f"  MFU {100 * mfu(r['tokens_per_s'], r['flops'], peak):.1f}%"
         if "peak_gib" in r:
-            fits = "fits" if r["peak_gib"] < 23.5 else "does NOT fit"
-            line += f"  peak {r['peak_gib']:.2f} GiB ({fits} 24 GB)"
+            fits = (
+                f"{gb} GB: {'fits' if r['peak_gib'] < gb - 0.5 else 'does NOT fit'}"
+                for gb in CARDS_GB
+            )
+            line += f"  peak {r['peak_gib']:.2f} GiB ({', '.join(fits)})"
         print(line, flush=True)
+    for variant in args.variants:
+        for quantization in args.base_quantization if "none" in args.base_quantization else ():
+            if quantization != "none":
+                ratio = (
+                    results[f"{variant} {quantization}"]["tokens_per_s"]
+                    / results[variant]["tokens_per_s"]
+                )
+                print(f"ratio ours {variant} {quantization} / {variant} float: {ratio:.2f}")
     if "peft" in results:
         for variant in args.variants:  # when run together (on a GPU, run them apart for memory)
             ratio = results[variant]["tokens_per_s"] / results["peft"]["tokens_per_s"]

@@ -1,25 +1,35 @@
 #!/usr/bin/env bash
-# Every GPU check in one run on one H100/H200, each part under its own time limit (the limits
-# add up to 590 s, under 10 minutes):
+# The GPU checks on one H100/H200, each part under its own time limit:
 #   1. the training step of a Llama-3.1-8B-shaped random model in bf16 with the paper's
-#      settings (LisenDiff, then the LoRA-only baseline), and transformers + PEFT on the same
-#      shape: tokens/s, model FLOPs utilisation, peak memory, and whether it fits 24 GB;
-#   2. greedy decoding of the same shape, ours vs transformers' generate;
+#      settings: LisenDiff on a bf16 base (train_lisendiff), on an int8 and on an nf4 one
+#      (train_int8, train_nf4: model.base_quantization), the LoRA-only baseline
+#      (train_lora_only) and transformers + PEFT on the same shape (train_peft): tokens/s,
+#      model FLOPs utilisation, peak memory, and whether it fits a 24, 16 or 12 GB card;
+#   2. greedy decoding of the same shape, ours vs transformers' generate (decode);
 #   3. the latent sampler at the paper's sizes (d_enc 768, T = 50): the chain as one scan vs
-#      a Python loop of jitted steps, latents/s at batch 1 and 64.
+#      a Python loop of jitted steps, latents/s at batch 1 and 64 (sampler);
+#   4. cuDNN flash attention (model.attention=cudnn, which "auto" picks here, so the training
+#      steps above run it) against the einsum kernel: logits and gradients of a left-padded
+#      bf16 batch against float32, and the time of each (attention).
+# Together they take more than 10 minutes, so a run takes the parts GPU_CHECK_PARTS names
+# (and the environment). The default, "train_lisendiff train_int8 train_nf4 sampler
+# attention", has limits adding up to 590 s with the environment and wheels; the rest,
+# GPU_CHECK_PARTS="train_lora_only train_peft decode", to 350 s.
 # Each part runs in its own process so that peak memory is its own. After each part a status
 # line says `part NAME: ok (S s)`, `FAILED rc=N (S s)` or `TIMED OUT after LIMIT s`; a summary
 # ends the run, and the exit status is 1 when any part did not finish ok.
 #
 # Usage, from anywhere:  bash benchmarks/gpu_check.sh
 #   GPU_CHECK_LOG=FILE  where the log goes (default /tmp/gpu_check.log);
-#   PYTHON=INTERPRETER  the Python that runs the parts (default python3).
+#   PYTHON=INTERPRETER  the Python that runs the parts (default python3);
+#   GPU_CHECK_PARTS="NAME ..."  the parts to run (default above).
 # Packages the GPU machine lacks can be put in .whl/ as wheels (e.g. `pip download --no-deps
 # -d .whl ml_collections==1.1.0`); they are installed into /tmp/site first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG="${GPU_CHECK_LOG:-${TMPDIR:-/tmp}/gpu_check.log}"
 PYTHON="${PYTHON:-python3}"
+PARTS=" ${GPU_CHECK_PARTS:-train_lisendiff train_int8 train_nf4 sampler attention} "
 : >"$LOG"
 # Without preallocation, the peak that JAX reports is what the run needed, not 75% of the card.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
@@ -29,6 +39,8 @@ say() { echo "$*" | tee -a "$LOG"; }
 
 STATUS=()
 FAILED=0
+# wanted NAME: whether GPU_CHECK_PARTS names the part.
+wanted() { [[ "$PARTS" == *" $1 "* ]]; }
 # part NAME LIMIT_S COMMAND...: runs COMMAND under `timeout LIMIT_S`, its output (less absl's
 # W0000/I0000 noise) to the terminal and the log, then one status line.
 part() {
@@ -75,13 +87,20 @@ export -f environment
 export PYTHON
 part environment 10 bash -c environment
 TRAIN=("$PYTHON" benchmarks/bench_train_step.py --size 8b --batch 1 --seq 512 --steps 5)
-part train_lisendiff 165 "${TRAIN[@]}" --no-peft --variants lisendiff
-part train_lora_only 125 "${TRAIN[@]}" --no-peft --variants lora_only
-part train_peft 120 "${TRAIN[@]}" --variants
-part decode 110 \
+# Each base in its own process, so that each peak is its own (bench_train_step.py makes a
+# quantized backbone layer by layer: no float copy of it counts in the peak).
+wanted train_lisendiff && part train_lisendiff 165 "${TRAIN[@]}" --no-peft --variants lisendiff
+for base in int8 nf4; do
+    wanted "train_$base" && part "train_$base" 165 "${TRAIN[@]}" --no-peft --variants lisendiff \
+        --base-quantization "$base"
+done
+wanted train_lora_only && part train_lora_only 125 "${TRAIN[@]}" --no-peft --variants lora_only
+wanted train_peft && part train_peft 105 "${TRAIN[@]}" --variants
+wanted decode && part decode 100 \
     "$PYTHON" benchmarks/bench_decode.py --size 8b --batch 1 8 --new-tokens 128 --repeats 2
-part sampler 50 \
+wanted sampler && part sampler 50 \
     "$PYTHON" benchmarks/bench_sampler.py --batch 1 64 --repeats 5 --e2e-batch
+wanted attention && part attention 25 "$PYTHON" benchmarks/check_attention.py
 
 say "== summary ($SECONDS s in all; log: $LOG)"
 for line in "${STATUS[@]}"; do

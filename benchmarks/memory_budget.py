@@ -4,14 +4,28 @@ Builds the LisenDiff model abstractly (shapes only, nothing allocated) for Llama
 Qwen2-7B and adds up what training holds: frozen weights, trainable parameters, their
 gradients, and the optimizer's state as the training optimizer initialises it (Adam moments,
 and with --low-precision-update float32_master the float32 copies of the bf16 LM head).
+A last table gives the same at the paper's settings with the frozen projections stored
+quantized (model.base_quantization int8 / int4 / nf4): qwix's qvalue (4-bit values at half a
+byte, packed as on GPU) plus its float32 scales. Activations are not included.
+
+`--compiled` instead asks XLA: it lowers and compiles the real jitted train step
+(train/step.py) of the paper config, remat as configured, on abstract inputs (nothing is
+allocated) for a batch of `--batch` x max_length (512) tokens, and prints its
+`memory_analysis()` for a float, int8 and nf4 base, with the LM head trained (the paper) and
+frozen (`model.train_lm_head=False`): arguments (weights, training state, batch), outputs, the
+part of the outputs written over donated arguments, temporaries (activations and XLA's
+workspace), and peak = arguments + outputs - aliased + temporaries. On a CPU these are
+XLA:CPU's buffer sizes, which approximate a GPU's (other fusions and kernels), not equal them.
 
     python benchmarks/memory_budget.py [--backbone llama|qwen] [--inner-dim 1024 ...]
-        [--low-precision-update stochastic|nearest|float32_master]
+        [--low-precision-update stochastic|nearest|float32_master] [--compiled [--batch 1]]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import time
 
 import jax
 import jax.numpy as jnp
@@ -19,22 +33,31 @@ import numpy as np
 from flax import nnx
 
 from lisendiff_jax.backbone import BackboneConfig
+from lisendiff_jax.backbone.layout import QUANTIZATIONS
 from lisendiff_jax.backbone.model import Decoder
 from lisendiff_jax.backbone.presets import LLAMA_3_1_8B, QWEN2_7B
+from lisendiff_jax.backbone.quantized import quantize_projections
 from lisendiff_jax.config import LOW_PRECISION_UPDATES, paper_config
-from lisendiff_jax.method.model import LatentStat, LisenDiff
+from lisendiff_jax.method.model import LatentStat, LisenDiff, split_for_training, training_loss
 from lisendiff_jax.train.rounding import MasterState
-from lisendiff_jax.train.step import make_optimizer
+from lisendiff_jax.train.step import make_optimizer, make_train_step
 
 BACKBONES = {"llama": LLAMA_3_1_8B, "qwen": QWEN2_7B}
 GIB = 2**30
 
 
 def abstract_model(
-    backbone: str, inner_dim: int, lisendiff: bool = True, update: str = "", latent_dim: int = 768
+    backbone: str,
+    inner_dim: int,
+    lisendiff: bool = True,
+    update: str = "",
+    latent_dim: int = 768,
+    quantization: str = "none",
+    train_lm_head: bool = True,
 ):
     config = paper_config(backbone, "ja", lisendiff)
     config.model.cross_attention.inner_dim = inner_dim
+    config.model.train_lm_head = train_lm_head
     config.model.low_precision_update = update or config.model.low_precision_update
     bc = BackboneConfig.from_hf_dict(BACKBONES[backbone])
     m = config.model
@@ -46,19 +69,39 @@ def abstract_model(
             param_dtype=jnp.dtype(m.param_dtype),
             rngs=nnx.Rngs(0),
         )
-        return LisenDiff(decoder, m, latent_dim, rngs=nnx.Rngs(0))
+        return LisenDiff(
+            quantize_projections(decoder, quantization), m, latent_dim, rngs=nnx.Rngs(0)
+        )
 
     return config, nnx.eval_shape(build)
 
 
+def _bits(dtype) -> int:
+    dtype = jnp.dtype(dtype)
+    # int4 / uint4 (qwix's 4-bit values) take a byte each in NumPy, half a byte on the device.
+    return jnp.iinfo(dtype).bits if jnp.issubdtype(dtype, jnp.integer) else 8 * dtype.itemsize
+
+
 def nbytes(tree) -> int:
-    return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+    return sum(int(np.prod(x.shape)) * _bits(x.dtype) // 8 for x in jax.tree.leaves(tree))
 
 
 def budget(
-    backbone: str, inner_dim: int, lisendiff: bool = True, update: str = ""
+    backbone: str,
+    inner_dim: int,
+    lisendiff: bool = True,
+    update: str = "",
+    quantization: str = "none",
+    train_lm_head: bool = True,
 ) -> dict[str, float]:
-    config, model = abstract_model(backbone, inner_dim, lisendiff, update)
+    config, model = abstract_model(
+        backbone,
+        inner_dim,
+        lisendiff,
+        update,
+        quantization=quantization,
+        train_lm_head=train_lm_head,
+    )
     _, trainable, _, _, rest = nnx.split(
         model, model.trainable_filter(), LatentStat, nnx.RngState, ...
     )
@@ -73,6 +116,65 @@ def budget(
         "float32 master": master / GIB,
         "trainable count (M)": sum(x.size for x in jax.tree.leaves(trainable)) / 1e6,
     }
+
+
+def compiled_memory(
+    backbone: str, quantization: str, train_lm_head: bool, batch_size: int = 1
+) -> dict[str, float]:
+    """GiB of XLA's memory analysis of the paper run's jitted train step (see the module's
+    docstring), compiled for abstract inputs; "compile s" is how long compiling took."""
+    from bench_train_step import synthetic_batch  # a training batch's arrays (this folder)
+
+    inner_dim = paper_config(backbone, "ja").model.cross_attention.inner_dim
+    config, model = abstract_model(
+        backbone, inner_dim, quantization=quantization, train_lm_head=train_lm_head
+    )
+    m = config.model
+    model.backbone.remat, model.backbone.attention = m.remat, m.attention  # as the Trainer
+    graphdef, trainable, frozen = split_for_training(model)
+    tx = make_optimizer(config, 1)
+    step = make_train_step(
+        tx, functools.partial(training_loss, graphdef), low_precision_update=m.low_precision_update
+    )
+    vocab = BACKBONES[backbone]["vocab_size"]
+    batch = synthetic_batch(batch_size, config.data.max_length, vocab)
+    abstract = (
+        trainable,
+        frozen,
+        jax.eval_shape(tx.init, trainable),
+        {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()},
+        jax.eval_shape(lambda: jax.random.key(0)),
+    )
+    start = time.perf_counter()
+    analysis = step.lower(*abstract).compile().memory_analysis()
+    seconds = time.perf_counter() - start
+    sizes = {
+        "arguments": analysis.argument_size_in_bytes,
+        "outputs": analysis.output_size_in_bytes,
+        "aliased": analysis.alias_size_in_bytes,
+        "temporaries": analysis.temp_size_in_bytes,
+    }
+    peak = sizes["arguments"] + sizes["outputs"] - sizes["aliased"] + sizes["temporaries"]
+    return {**{k: v / GIB for k, v in sizes.items()}, "peak": peak / GIB, "compile s": seconds}
+
+
+def print_compiled(backbone: str, batch_size: int, quantizations: list[str]) -> None:
+    print(
+        f"{backbone}, paper settings, batch {batch_size} x 512: XLA's memory analysis of the "
+        f"compiled train step on {jax.devices()[0].platform} (GiB)"
+    )
+    names = ("arguments", "outputs", "aliased", "temporaries", "peak")
+    print(f"{'base':>5} {'lm_head':>7} " + " ".join(f"{n:>11}" for n in names) + "  compile")
+    for train_lm_head in (True, False):
+        for quantization in quantizations:
+            r = compiled_memory(backbone, quantization, train_lm_head, batch_size)
+            head = "trained" if train_lm_head else "frozen"
+            print(
+                f"{quantization:>5} {head:>7} "
+                + " ".join(f"{r[n]:11.2f}" for n in names)
+                + f"  {r['compile s']:.0f} s",
+                flush=True,
+            )
 
 
 # The trained parts, by a piece of their parameter path; the frozen weights are the rest.
@@ -121,7 +223,19 @@ def main() -> None:
         help="how updates land on the bf16 lm_head (model.low_precision_update; default: the "
         "paper configs')",
     )
+    parser.add_argument(
+        "--compiled",
+        nargs="*",
+        choices=QUANTIZATIONS,
+        metavar="BASE",
+        help="only XLA's memory analysis of the compiled train step, for these bases (default: "
+        "none int8 nf4; minutes per compile on a CPU)",
+    )
+    parser.add_argument("--batch", type=int, default=1, help="rows of 512 tokens (--compiled)")
     args = parser.parse_args()
+    if args.compiled is not None:
+        print_compiled(args.backbone, args.batch, args.compiled or ["none", "int8", "nf4"])
+        return
     update = args.low_precision_update
     mu = paper_config(args.backbone, "ja").optimizer_state_dtype
     print(
@@ -144,6 +258,28 @@ def main() -> None:
         print(f"\nby part at inner_dim {inner_dim or 'hidden'} (trained: with gradients and state)")
         for name, millions, gib in by_part(args.backbone, inner_dim, update):
             print(f"{name:>20} {millions:9.1f}M {gib:6.2f} GiB")
+    paper_inner = paper_config(args.backbone, "ja").model.cross_attention.inner_dim
+    print(
+        f"\nquantized base at inner_dim {paper_inner} (weights and training state, no activations)"
+    )
+    print(f"{'base':>9} {'LM head':>8} {'frozen':>7} {'trained+grads+adam':>19} {'total':>6}  GiB")
+    for quantization in QUANTIZATIONS:
+        for train_lm_head in (True, False):
+            b = budget(
+                args.backbone,
+                paper_inner,
+                update=update,
+                quantization=quantization,
+                train_lm_head=train_lm_head,
+            )
+            trained = sum(
+                b[part] for part in ("trainable params", "gradients", "Adam", "float32 master")
+            )
+            head = "trained" if train_lm_head else "frozen"
+            print(
+                f"{quantization:>9} {head:>8} {b['frozen weights']:7.2f} {trained:19.2f} "
+                f"{b['frozen weights'] + trained:6.2f}"
+            )
 
 
 if __name__ == "__main__":
