@@ -17,7 +17,7 @@ from flax import nnx, struct
 from jax.ad_checkpoint import checkpoint_name
 
 from lisendiff_jax.backbone.config import BackboneConfig
-from lisendiff_jax.backbone.layout import constrain
+from lisendiff_jax.backbone.layout import PROJECTIONS, constrain
 from lisendiff_jax.backbone.rope import apply_rotary, inverse_frequencies, rotary_tables
 
 # The names `checkpoint_name` gives the attention projections' outputs, for "attention".
@@ -46,6 +46,10 @@ ATTENTION_KERNELS = ("auto", "einsum", "xla", "cudnn")
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
+def _on_cuda() -> bool:
+    return "cuda" in jax.devices()[0].client.platform_version.lower()
+
+
 @functools.cache
 def _cudnn_runs(dtype: jnp.dtype) -> bool:
     """Whether cuDNN's fused attention compiles and runs here with a boolean mask like ours.
@@ -53,7 +57,7 @@ def _cudnn_runs(dtype: jnp.dtype) -> bool:
     "auto" asks before choosing it, so that a GPU, driver or cuDNN without a usable kernel
     falls back to the einsum reference instead of failing inside the first train step.
     """
-    if "cuda" not in jax.devices()[0].client.platform_version.lower():
+    if not _on_cuda():
         return False
     try:
         fn = jax.jit(
@@ -73,7 +77,7 @@ def attention_kernel(setting: str, dtype: jnp.dtype) -> str:
     """The kernel an `ATTENTION_KERNELS` setting runs for activations of `dtype` here."""
     if setting not in ATTENTION_KERNELS:
         raise ValueError(f"attention kernel {setting!r}: expected one of {ATTENTION_KERNELS}")
-    cuda = "cuda" in jax.devices()[0].client.platform_version.lower()
+    cuda = _on_cuda()
     if setting == "auto":
         usable = cuda and dtype in _CUDNN_DTYPES and _cudnn_runs(jnp.dtype(dtype))
         return "cudnn" if usable else "einsum"
@@ -227,6 +231,12 @@ class DecoderLayer(nnx.Module):
         if self.cross_attn is not None and latents is not None:
             x = x + self.cross_attn(x, latents, latent_mask, segment_ids)
         return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+def projection_slots(layer: DecoderLayer) -> list[tuple[nnx.Module, str]]:
+    """(block, attribute name) of each of a decoder layer's `PROJECTIONS`: where code that
+    swaps a projection's module (LoRA, quantization) finds and sets it."""
+    return [(getattr(layer, block), name) for name, (block, *_) in PROJECTIONS.items()]
 
 
 def _call_layer(layer: DecoderLayer, *args):

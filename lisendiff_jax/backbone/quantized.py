@@ -35,7 +35,8 @@ import jax.numpy as jnp
 import qwix
 from flax import nnx
 
-from lisendiff_jax.backbone.layout import PROJECTIONS, QUANTIZATIONS
+from lisendiff_jax.backbone.layout import QUANTIZATIONS
+from lisendiff_jax.backbone.model import projection_slots
 
 # qwix's names for the storage types.
 _QTYPES = {"int8": jnp.int8, "int4": jnp.int4, "nf4": "nf4"}
@@ -161,11 +162,6 @@ class QuantizedLinear(nnx.Module):
         return linear
 
 
-def _projection_slots(layer: nnx.Module) -> list[tuple[nnx.Module, str]]:
-    """(block, attribute) of each of a decoder layer's projections."""
-    return [(getattr(layer, block), name) for name, (block, *_) in PROJECTIONS.items()]
-
-
 def is_quantized(decoder: nnx.Module) -> bool:
     """Whether the decoder holds a `QuantizedLinear` (bare, or as a LoRA adapter's base)."""
     return any(isinstance(module, QuantizedLinear) for _, module in nnx.iter_modules(decoder))
@@ -183,7 +179,7 @@ def quantize_projections(decoder: nnx.Module, quantization: str) -> nnx.Module:
 
 def quantize_layer(layer: nnx.Module, quantization: str) -> nnx.Module:
     """`quantize_projections` of one decoder layer, in place; returns `layer`."""
-    for block, name in _projection_slots(layer):
+    for block, name in projection_slots(layer):
         linear = getattr(block, name)
         if isinstance(linear, nnx.Linear):
             setattr(block, name, QuantizedLinear.from_linear(linear, quantization))
@@ -194,7 +190,7 @@ def dequantize_projections(decoder: nnx.Module) -> nnx.Module:
     """Puts a float `nnx.Linear` (W de-quantized, in `param_dtype`) in place of every
     `QuantizedLinear` of the decoder layers, in place; returns `decoder`."""
     for layer in decoder.layers:
-        for block, name in _projection_slots(layer):
+        for block, name in projection_slots(layer):
             projection = getattr(block, name)
             if isinstance(projection, QuantizedLinear):
                 setattr(block, name, projection.to_linear())

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lisendiff_jax.backbone.layout import PROJECTIONS
-from lisendiff_jax.backbone.model import Decoder
+from lisendiff_jax.backbone.model import Decoder, projection_slots
 from lisendiff_jax.backbone.quantized import QuantizedLinear, dequantize_projections
 
 # torch's kaiming_uniform_(a=sqrt(5)), PEFT's init for A: uniform in +-1/sqrt(fan_in).
@@ -84,11 +84,7 @@ class LoRALinear(nnx.Module):
 
 def _projections(model: Decoder) -> list[tuple[nnx.Module, str]]:
     """(block, attribute name) of every adaptable projection, all layers."""
-    return [
-        (getattr(layer, block), name)
-        for layer in model.layers
-        for name, (block, *_) in PROJECTIONS.items()
-    ]
+    return [slot for layer in model.layers for slot in projection_slots(layer)]
 
 
 def apply_lora(
