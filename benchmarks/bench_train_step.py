@@ -250,6 +250,16 @@ def make_ours(
     return model, state, one_step
 
 
+def first_and_median(one_step: Callable[[int], None], steps: int) -> tuple[float, float]:
+    """Seconds of step 0 (compile and warm-up) and the median of the next `steps`."""
+    times = []
+    for i in range(steps + 1):
+        start = time.perf_counter()
+        one_step(i)
+        times.append(time.perf_counter() - start)
+    return times[0], statistics.median(times[1:])
+
+
 def run_ours(args, lisendiff: bool, quantization: str = "none") -> dict:
     bc = BackboneConfig.from_hf_dict(SIZES[args.size])
     model, state, one_step = make_ours(args.size, lisendiff, quantization, args.attention[0])
@@ -259,15 +269,7 @@ def run_ours(args, lisendiff: bool, quantization: str = "none") -> dict:
         k: jnp.asarray(v) for k, v in synthetic_batch(args.batch, args.seq, bc.vocab_size).items()
     }
 
-    start = time.perf_counter()
-    one_step(batch, 0)
-    compile_s = time.perf_counter() - start
-    times = []
-    for i in range(args.steps):
-        start = time.perf_counter()
-        one_step(batch, i + 1)
-        times.append(time.perf_counter() - start)
-    seconds = statistics.median(times)
+    compile_s, seconds = first_and_median(functools.partial(one_step, batch), args.steps)
     result = {
         "tokens_per_s": args.batch * args.seq / seconds,
         "step_s": seconds,
@@ -333,13 +335,7 @@ def run_peft(args) -> dict:
 
     gpu = torch.cuda.is_available()
     one_step = make_peft(args)
-    one_step()
-    times = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        one_step()
-        times.append(time.perf_counter() - start)
-    seconds = statistics.median(times)
+    _, seconds = first_and_median(lambda i: one_step(), args.steps)
     result = {"tokens_per_s": args.batch * args.seq / seconds, "step_s": seconds}
     if gpu:
         result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
