@@ -74,7 +74,7 @@ CARDS_GB = (24, 16, 12)
 def synthetic_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.RandomState(seed)
     loss_mask = np.zeros((batch, seq), np.int32)
-    loss_mask[:, seq // 2 :] = 1
+    loss_mask[:, seq // 2 :] = 1  # as `loss_positions` counts
     return {
         "input_ids": rng.randint(0, vocab, (batch, seq)).astype(np.int32),
         "attention_mask": np.ones((batch, seq), np.int32),
@@ -117,9 +117,15 @@ def _rows(path: tuple[str, ...], seq: int, n_queries: int) -> int:
         # One latent gives every token the same value, projected once per example (the module
         # then has no q/k projections: softmax over one key is 1).
         return N_LATENTS if reads_keys or (N_LATENTS == 1 and "o_proj" in path) else seq
-    if "lm_head" in path:  # the last position predicts nothing
-        return seq - 1
+    if "lm_head" in path:
+        return loss_positions(seq)
     return seq
+
+
+def loss_positions(seq: int) -> int:
+    """Positions of a `synthetic_batch` row whose next token carries a loss (the second half):
+    the only ones the LM head multiplies (`objectives.token_nll` skips the rest)."""
+    return seq - seq // 2
 
 
 def train_flops(model: LisenDiff, seq: int) -> TrainFlops:
@@ -129,10 +135,10 @@ def train_flops(model: LisenDiff, seq: int) -> TrainFlops:
     N is the multiply-adds per token of every matrix product of the forward pass, from the
     model's own parameter shapes: each weight matrix (the backbone's projections, the LM head,
     LoRA's A and B, the cross-attention, style summary and denoiser matrices) times the rows it
-    multiplies per example (the seq tokens, seq - 1 for the LM head; for the LisenDiff modules
-    the latents, context utterances or summary queries, one row for the cross-attention's
-    output projection when it reads one latent, and every style's denoiser runs on every
-    example), plus each attention's scores and values, 2 x query rows x key rows x
+    multiplies per example (the seq tokens, the `loss_positions` for the LM head; for the
+    LisenDiff modules the latents, context utterances or summary queries, one row for the
+    cross-attention's output projection when it reads one latent, and every style's denoiser
+    runs on every example), plus each attention's scores and values, 2 x query rows x key rows x
     (heads x head_dim) per example (self-attention: 2 x seq x 4096 per token and layer on
     Llama-3.1-8B, the whole seq x seq square as the model computes it, the causal half not
     subtracted). The frozen weights get no gradient, so their backward pass is the
@@ -160,7 +166,7 @@ def train_flops(model: LisenDiff, seq: int) -> TrainFlops:
                 attention += 2 * rows * keys * width
     bc = model.backbone.config
     if bc.tie_word_embeddings:  # the embedding table is also the LM head
-        n += (seq - 1) * bc.vocab_size * bc.hidden_size
+        n += loss_positions(seq) * bc.vocab_size * bc.hidden_size
     return TrainFlops(
         n=(n + attention) / seq, n_attention=attention / seq, n_trainable=n_trainable / seq
     )

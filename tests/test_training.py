@@ -228,35 +228,59 @@ def test_settings_the_backbone_cannot_take_are_named(checkpoint, tmp_path):
         LisenDiff(load_backbone(tmp_path), tiny_model_config().model, D_ENC, rngs=nnx.Rngs(0))
 
 
-def test_chunked_nll_equals_full_cross_entropy():
+def reference_nll(hidden, head, targets, weights):
+    """The NLL as autodiff sees it: the whole sequence's logits, then log-softmax."""
+    logp = jax.nn.log_softmax(hidden @ head)
+    return -jnp.sum(jnp.take_along_axis(logp, targets[..., None], -1)[..., 0] * weights)
+
+
+@pytest.mark.parametrize("keep", [True, False])  # gradients kept from the forward, or recomputed
+def test_chunked_nll_and_gradients_equal_full_cross_entropy(keep):
     rng = np.random.RandomState(0)
     hidden = jnp.asarray(rng.randn(2, 11, 8), jnp.float32)
     head = jnp.asarray(rng.randn(8, 30), jnp.float32)
     targets = jnp.asarray(rng.randint(0, 30, (2, 11)), jnp.int32)
-    weights = jnp.asarray(rng.rand(2, 11) > 0.3, jnp.float32)
-    logits = hidden @ head
-    full = -jnp.sum(
-        jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0] * weights
-    )
-    # Budgets of 1, 4, 10 and all 11 positions' logits per chunk (2 rows x 30 x 4 bytes each).
+    weights = jnp.asarray((rng.rand(2, 11) > 0.3) * rng.rand(2, 11), jnp.float32)
+    want = reference_nll(hidden, head, targets, weights)
+    want_grads = jax.grad(reference_nll, (0, 1))(hidden, head, targets, weights)
+    # Chunks of 1, 4, 10 and all 11 positions; the head's gradient (8 x 30 x 4 bytes) is kept
+    # from the forward pass when it fits the budget.
     for positions in (1, 4, 10, 11):
-        budget = positions * 2 * 30 * 4
-        chunked = token_nll(lambda h: h @ head, hidden, targets, weights, 30, budget)
-        np.testing.assert_allclose(float(chunked), float(full), rtol=1e-5)
-        grad = jax.grad(
-            lambda h, b=budget: token_nll(lambda x: x @ head, h, targets, weights, 30, b)
-        )
-        full_grad = jax.grad(
-            lambda h: (
-                -jnp.sum(
-                    jnp.take_along_axis(jax.nn.log_softmax(h @ head), targets[..., None], -1)[
-                        ..., 0
-                    ]
-                    * weights
-                )
-            )
-        )
-        np.testing.assert_allclose(grad(hidden), full_grad(hidden), rtol=1e-4, atol=1e-6)
+        budget = 8 * 30 * 4 if keep else 8 * 30 * 4 - 1
+
+        def nll(h, w, p=positions, budget=budget):
+            return token_nll(h, w, targets, weights, max_logits_bytes=budget, chunk_positions=p)
+
+        np.testing.assert_allclose(float(jax.jit(nll)(hidden, head)), float(want), rtol=1e-5)
+        grads = jax.jit(jax.grad(nll, (0, 1)))(hidden, head)
+        for got, ref in zip(grads, want_grads, strict=True):
+            np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-6)
+    # A frozen head: only the hidden states' gradient, the same.
+    grad = jax.grad(lambda h: token_nll(h, head, targets, weights, chunk_positions=4))(hidden)
+    np.testing.assert_allclose(grad, want_grads[0], rtol=1e-4, atol=1e-6)
+
+
+def test_chunked_nll_computes_no_chunk_without_loss():
+    """Positions without loss (NaN here) are never multiplied by the head when they fill whole
+    chunks, in the forward or the backward pass: one NaN product would make the loss NaN."""
+    rng = np.random.RandomState(1)
+    hidden = rng.randn(3, 16, 8).astype(np.float32)
+    weights = np.zeros((3, 16), np.float32)
+    for row in range(3):  # four weighted positions per row, scattered: one chunk of 4 each
+        weights[row, rng.choice(16, 4, replace=False)] = 1.0
+    hidden[weights == 0] = np.nan
+    head = jnp.asarray(rng.randn(8, 30), jnp.float32)
+    targets = jnp.asarray(rng.randint(0, 30, (3, 16)), jnp.int32)
+    clean = np.where(weights[..., None] > 0, hidden, 0.0)
+    want = reference_nll(jnp.asarray(clean), head, targets, jnp.asarray(weights))
+
+    def nll(h, w):
+        return token_nll(h, w, targets, jnp.asarray(weights), chunk_positions=4)
+
+    np.testing.assert_allclose(float(nll(jnp.asarray(hidden), head)), float(want), rtol=1e-5)
+    d_hidden, d_head = jax.grad(nll, (0, 1))(jnp.asarray(hidden), head)
+    assert np.isfinite(d_head).all() and np.isfinite(d_hidden).all()
+    np.testing.assert_array_equal(np.asarray(d_hidden)[weights == 0], 0.0)
 
 
 # -- the whole loop on the tiny default backbone and a few bundled-style dialogues ----------

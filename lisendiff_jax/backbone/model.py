@@ -428,17 +428,20 @@ class Decoder(nnx.Module):
             )
         return self.norm(x), cache
 
+    def head_matrix(self) -> jax.Array:
+        """The LM head's weights [hidden, vocab] (the embedding table's transpose when tied)."""
+        if self.lm_head is None:
+            return self.embed_tokens.embedding[...].T
+        return self.lm_head.kernel[...]
+
     def logits(self, hidden: jax.Array) -> jax.Array:
         """float32 logits from hidden states, without an fp32 copy of the head's weights."""
-        if self.lm_head is None:
-            table = self.embed_tokens.embedding[...]
-            return jnp.einsum(
-                "...d,vd->...v",
-                hidden.astype(self.dtype),
-                table.astype(self.dtype),
-                preferred_element_type=jnp.float32,
-            )
-        return self.lm_head(hidden)
+        return jnp.einsum(
+            "...d,dv->...v",
+            hidden.astype(self.dtype),
+            self.head_matrix().astype(self.dtype),
+            preferred_element_type=jnp.float32,
+        )
 
     def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype | None = None) -> KVCache:
         """An empty cache for `batch` rows and up to `max_len` tokens per row."""

@@ -354,10 +354,10 @@ def _nll_fn():
         ids = batch["input_ids"]  # [B, T]
         hidden, _ = model.backbone.hidden_states(ids, batch["attention_mask"], latents=latents)
         weights = batch["loss_mask"][:, 1:].astype(jnp.float32)  # position i predicts i + 1
-        vocab = model.backbone.config.vocab_size
+        head, dtype = model.backbone.head_matrix(), model.backbone.dtype
 
         def row(h, y, w):  # one example's summed NLL
-            return token_nll(model.backbone.logits, h[None], y[None], w[None], vocab)
+            return token_nll(h[None], head, y[None], w[None], dtype=dtype)
 
         return jax.vmap(row)(hidden[:, :-1], ids[:, 1:], weights), weights.sum(axis=1)
 

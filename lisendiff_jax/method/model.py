@@ -160,8 +160,10 @@ class LisenDiff(nnx.Module):
         weights = batch["loss_mask"][:, 1:].astype(jnp.float32)
         if segment_ids is not None:  # no prediction across a segment boundary
             weights *= segment_ids[:, 1:] == segment_ids[:, :-1]
-        vocab = self.backbone.config.vocab_size
-        nll = token_nll(self.backbone.logits, hidden[:, :-1], ids[:, 1:], weights, vocab)
+        backbone = self.backbone
+        nll = token_nll(
+            hidden[:, :-1], backbone.head_matrix(), ids[:, 1:], weights, dtype=backbone.dtype
+        )
         lm_loss = nll / jnp.maximum(weights.sum(), 1.0)
         if not self.lisendiff:
             return lm_loss, {"lm_loss": lm_loss, "diff_loss": jnp.zeros(())}
