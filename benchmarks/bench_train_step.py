@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import itertools
 import math
 import os
 import platform
@@ -223,15 +224,18 @@ def make_ours(
     quantization: str = "none",
     attention: str = "auto",
     remat: str | None = None,
+    compute_dtype: str | None = None,
 ) -> tuple[LisenDiff, dict, Callable[..., None]]:
     """A random model of `size` (its frozen projections stored as `quantization` says, its
-    self-attention kernel `attention`, rematerialised as `remat` says or as `bench_config`),
+    self-attention kernel `attention`, rematerialised as `remat` says and computing in
+    `compute_dtype`, each when given, else as `bench_config`),
     its training state {"trainable", "opt", "temp_bytes"} and `one_step(batch, i)`, which
     trains it one step of our jitted step (in place, key i). `temp_bytes(batch)` is XLA's
     temporary memory for a step on `batch`, compiled, not run."""
     config = bench_config(size, lisendiff)
     m = config.model
     m.attention, m.remat = attention, remat or m.remat
+    m.compute_dtype = compute_dtype or m.compute_dtype
     if quantization == "none":
         model = nnx.jit(functools.partial(build_model, size, m))()
     else:  # made outside jit: a jitted call would copy the quantized backbone it is given
@@ -357,12 +361,14 @@ def run_in_turns(args) -> None:
         k: jnp.asarray(v) for k, v in synthetic_batch(args.batch, args.seq, bc.vocab_size).items()
     }
     steps: dict[str, Callable[[int], None]] = {}
-    for attention in args.attention:
-        for remat in args.remat or [None]:
-            _, state, ours = make_ours(args.size, False, attention=attention, remat=remat)
-            name = f"attention {attention}" + (f" remat {remat}" if remat else "")
-            steps[name] = functools.partial(ours, batch)
-            print(f"{name:>30}: XLA temporary memory {state['temp_bytes'](batch) / 2**20:.0f} MiB")
+    for attention, remat, dtype in itertools.product(
+        args.attention, args.remat or [None], args.compute_dtype or [None]
+    ):
+        _, state, ours = make_ours(args.size, False, "none", attention, remat, dtype)
+        name = f"attention {attention}" + (f" remat {remat}" if remat else "")
+        name += f" {dtype}" if dtype else ""
+        steps[name] = functools.partial(ours, batch)
+        print(f"{name:>30}: XLA temporary memory {state['temp_bytes'](batch) / 2**20:.0f} MiB")
     if not args.no_peft:
         peft = make_peft(args)
         steps["peft"] = lambda i: peft()
@@ -546,10 +552,17 @@ def main() -> None:
         help="with --in-turns, one run of each rematerialisation policy (model.remat)",
     )
     parser.add_argument(
+        "--compute-dtype",
+        nargs="+",
+        choices=["float32", "bfloat16"],
+        help="with --in-turns, one run of each dtype of our products (model.compute_dtype; "
+        "the weights keep theirs: float32 on the 34M model)",
+    )
+    parser.add_argument(
         "--in-turns",
         action="store_true",
-        help="only ours LoRA-only (per --attention and --remat) and transformers + PEFT, one "
-        "step of each in turn (for a machine shared with other work)",
+        help="only ours LoRA-only (per --attention, --remat, --compute-dtype) and transformers "
+        "+ PEFT, one step of each in turn (for a machine shared with other work)",
     )
     parser.add_argument(
         "--mfu-from-log",
