@@ -16,7 +16,8 @@ sequence. "ours lora_only" is the like-for-like comparison (no LisenDiff modules
 samples plus that ESConv file (the JSONL dialogue format, docs/data.md) tokenised as the
 embedded default does, and prints real (non-padding) tokens per second and the padding
 fraction of bucketed batches (one example a row) and packed ones (`data.packing`), over the
-same examples: the first `--steps` bucketed batches.
+same examples: the first `--steps` bucketed batches. `--max-length 512` tokenises and packs at
+the paper configs' `data.max_length` instead of the embedded default's 256.
 
     python benchmarks/bench_train_step.py --base-quantization none int8 nf4   # float vs qwix
 
@@ -390,17 +391,20 @@ def run_in_turns(args) -> None:
             print(f"ratio ours lora_only {name} / transformers+PEFT: {ratio:.2f}")
 
 
-def real_batches(esconv: str, batch: int, steps: int) -> tuple[list, list, int, np.ndarray]:
+def real_batches(
+    esconv: str, batch: int, steps: int, max_length: int | None
+) -> tuple[list, list, int, np.ndarray]:
     """The embedded default's data (configs/tiny.py: the bundled samples, its tokenizer, prompts
-    and max_length) plus ESConv from `esconv`, in epoch 0's order: its first `steps` bucketed
-    batches and the packed batches of the same examples, with random latents and contexts in
-    place of the cached embeddings (the step's cost does not depend on their values). Returns
-    (bucketed, packed, K, every example's length in tokens)."""
+    and max_length unless `max_length` is given) plus ESConv from `esconv`, in epoch 0's order:
+    its first `steps` bucketed batches and the packed batches of the same examples, with random
+    latents and contexts in place of the cached embeddings (the step's cost does not depend on
+    their values). Returns (bucketed, packed, K, every example's length in tokens)."""
     from transformers import AutoTokenizer
 
     config = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
     d = config.data
     d.sources.esconv_file = source("jsonl", esconv, 1.0)
+    d.max_length = max_length or d.max_length
     mix = data_mix(config)
     tokenizer = AutoTokenizer.from_pretrained(backbone_folder(config.model.backbone))
     encoded = encode_examples(
@@ -439,11 +443,14 @@ def real_batches(esconv: str, batch: int, steps: int) -> tuple[list, list, int, 
 def run_packing(args) -> None:
     """Real tokens/s of our LisenDiff step, bucketed vs packed, on the same examples (each
     batch shape compiled before timing, the two timed in turns)."""
-    bucketed, packed, segments, lengths = real_batches(args.packing, args.batch, args.steps)
+    bucketed, packed, segments, lengths = real_batches(
+        args.packing, args.batch, args.steps, args.max_length
+    )
     _, _, one_step = make_ours(args.size, lisendiff=True)
     print(
         f"data: {len(lengths)} examples (bundled samples + {args.packing}), tokenised as the "
-        f"embedded default does: {lengths.min()} to {lengths.max()} tokens, median "
+        f"embedded default does{f' at max_length {args.max_length}' if args.max_length else ''}: "
+        f"{lengths.min()} to {lengths.max()} tokens, median "
         f"{np.median(lengths):.0f}; packed rows of {packed[0]['input_ids'].shape[1]} tokens, "
         f"up to {segments} examples each"
     )
@@ -575,6 +582,13 @@ def main() -> None:
         metavar="ESCONV_JSONL",
         help="only compare bucketed and packed batches of real dialogue (the bundled samples "
         "plus this ESConv file in the JSONL dialogue format): real tokens/s and padding",
+    )
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        metavar="TOKENS",
+        help="with --packing, tokens per example and per packed row (data.max_length; default "
+        "the embedded default's, 256)",
     )
     args = parser.parse_args()
     if args.mfu_from_log:

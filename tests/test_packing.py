@@ -206,16 +206,19 @@ def test_an_epoch_packs_every_example_once_and_resumes_mid_epoch():
     epoch = list(itertools.islice(stream, steps))
     assert epoch[-1][1] == DataPosition(1, 0) and epoch[-2][1].epoch == 0
     assert steps < 12  # ceil(23 / 2) unpacked
-    seen = []
+    seen, order = 0, epoch_order(23, seed, 0).tolist()
     for batch, _ in epoch:
-        seen += batch["example_index"][batch["segment_mask"] == 1].tolist()
+        got = batch["example_index"][batch["segment_mask"] == 1].tolist()
+        # Each batch holds the next run of the epoch's order, its rows filled first fit.
+        assert sorted(got) == sorted(order[seen : seen + len(got)])
+        seen += len(got)
         for r, k in zip(*np.nonzero(batch["segment_mask"]), strict=True):
             item = encoded[batch["example_index"][r, k]]
             span = batch["segment_ids"][r] == k + 1  # its tokens, positions counting from 0
             np.testing.assert_array_equal(batch["input_ids"][r, span], item.input_ids)
             np.testing.assert_array_equal(batch["loss_mask"][r, span], item.loss_mask)
             np.testing.assert_array_equal(batch["positions"][r, span], np.arange(span.sum()))
-    assert seen == epoch_order(23, seed, 0).tolist()
+    assert seen == 23
     # The epoch's last batch: the row it could not fill is a copy without loss or segments.
     last = epoch[-1][0]
     np.testing.assert_array_equal(last["segment_mask"][1], 0)
@@ -229,6 +232,17 @@ def test_an_epoch_packs_every_example_once_and_resumes_mid_epoch():
         for (want, _), (got, _) in zip(epoch[i + 1 :], resumed, strict=False):
             for name in want:
                 np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_rows_fill_earlier_gaps_and_the_batch_stops_at_the_first_misfit():
+    # Rows of 10 tokens, 2 a batch. 3 tokens fit the gap the 6 left in the first row; the 9 then
+    # fits no row, so the batch ends there although the 1 after it would fit.
+    encoded = examples([(0, n) for n in (6, 8, 3, 9, 1)])
+    rows = pack_rows(encoded, np.arange(5), batch_size=2, row_length=10, segments=3)
+    assert rows == [[0, 2], [1]]
+    assert pack_rows(encoded, np.arange(3, 5), 2, 10, 3) == [[3, 4]]
+    # At most `segments` examples a row, even with room left.
+    assert pack_rows(encoded, np.array([4, 4, 4]), 2, 10, 2) == [[4, 4], [4]]
 
 
 def test_packing_is_an_option_that_takes_only_a_bool():

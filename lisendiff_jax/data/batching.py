@@ -126,19 +126,27 @@ def pack_rows(
     segments: int,
 ) -> list[list[int]]:
     """The rows (lists of example indices) of the packed batch that starts at `order[0]`: at
-    most `batch_size` rows of at most `segments` examples and `row_length` tokens, filled
-    greedily in order."""
+    most `batch_size` rows of at most `segments` examples and `row_length` tokens. Each example
+    in turn goes to the first row with room for it, or opens a new one; the batch ends at the
+    first example that no row can take, so a batch is always a run of `order` and the next one
+    starts where it stopped."""
     rows: list[list[int]] = []
-    used = row_length  # tokens in the last row; a full row makes the first example open one
+    used: list[int] = []  # tokens in each row
     for index in order:
         n = len(encoded[index].input_ids)
-        if used + n > row_length or len(rows[-1]) == segments:
+        # First fit rather than only the last row: a short example fills a gap left earlier.
+        row = next(
+            (r for r in range(len(rows)) if used[r] + n <= row_length and len(rows[r]) < segments),
+            None,
+        )
+        if row is None:
             if len(rows) == batch_size:
                 break
             rows.append([])
-            used = 0
-        rows[-1].append(int(index))
-        used += n
+            used.append(0)
+            row = len(rows) - 1
+        rows[row].append(int(index))
+        used[row] += n
     return rows
 
 
