@@ -260,6 +260,34 @@ def test_chunked_nll_and_gradients_equal_full_cross_entropy(keep):
     np.testing.assert_allclose(grad, want_grads[0], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("keep", [True, False])
+def test_chunked_nll_in_bf16_follows_autodiff(keep):
+    """As the paper configs run it: bf16 hidden states and head, float32 logits; gradients come
+    back in bf16, within bf16's rounding of autodiff's."""
+    rng = np.random.RandomState(2)
+    hidden = jnp.asarray(rng.randn(2, 11, 8), jnp.bfloat16)
+    head = jnp.asarray(rng.randn(8, 30), jnp.bfloat16)
+    targets = jnp.asarray(rng.randint(0, 30, (2, 11)), jnp.int32)
+    weights = jnp.asarray(rng.rand(2, 11) > 0.3, jnp.float32)
+
+    def reference(h, w):
+        logits = jnp.einsum("btd,dv->btv", h, w, preferred_element_type=jnp.float32)
+        logp = jax.nn.log_softmax(logits)
+        return -jnp.sum(jnp.take_along_axis(logp, targets[..., None], -1)[..., 0] * weights)
+
+    def nll(h, w):
+        budget = 8 * 30 * 2 if keep else 8 * 30 * 2 - 1  # the bf16 head's gradient fits, or not
+        return token_nll(h, w, targets, weights, jnp.bfloat16, budget, chunk_positions=4)
+
+    np.testing.assert_allclose(float(nll(hidden, head)), float(reference(hidden, head)), rtol=1e-5)
+    for got, want in zip(
+        jax.grad(nll, (0, 1))(hidden, head), jax.grad(reference, (0, 1))(hidden, head), strict=True
+    ):
+        assert got.dtype == jnp.bfloat16
+        got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+        np.testing.assert_allclose(got, want, atol=2e-2 * np.abs(want).max())
+
+
 def test_chunked_nll_computes_no_chunk_without_loss():
     """Positions without loss (NaN here) are never multiplied by the head when they fill whole
     chunks, in the forward or the backward pass: one NaN product would make the loss NaN."""
