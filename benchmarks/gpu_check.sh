@@ -10,11 +10,14 @@
 #      a Python loop of jitted steps, latents/s at batch 1 and 64 (sampler);
 #   4. cuDNN flash attention (model.attention=cudnn, which "auto" picks here, so the training
 #      steps above run it) against the einsum kernel: logits and gradients of a left-padded
-#      bf16 batch against float32, and the time of each (attention).
+#      bf16 batch against float32, and the time of each (attention);
+#   5. packed vs bucketed batches of real dialogue at max_length 512, real tokens/s of the 34M
+#      model's LisenDiff step (packing): only with GPU_CHECK_ESCONV=FILE, ESConv in the JSONL
+#      dialogue format (docs/data.md), which the repository does not ship.
 # Together they take more than 10 minutes, so a run takes the parts GPU_CHECK_PARTS names
 # (and the environment). The default, "train_lisendiff train_int8 train_nf4 sampler
 # attention", has limits adding up to 590 s with the environment and wheels; the rest,
-# GPU_CHECK_PARTS="train_lora_only train_peft decode", to 350 s.
+# GPU_CHECK_PARTS="train_lora_only train_peft decode packing", to 530 s.
 # Each part runs in its own process so that peak memory is its own. After each part a status
 # line says `part NAME: ok (S s)`, `FAILED rc=N (S s)` or `TIMED OUT after LIMIT s`; a summary
 # ends the run, and the exit status is 1 when any part did not finish ok.
@@ -22,7 +25,8 @@
 # Usage, from anywhere:  bash benchmarks/gpu_check.sh
 #   GPU_CHECK_LOG=FILE  where the log goes (default /tmp/gpu_check.log);
 #   PYTHON=INTERPRETER  the Python that runs the parts (default python3);
-#   GPU_CHECK_PARTS="NAME ..."  the parts to run (default above).
+#   GPU_CHECK_PARTS="NAME ..."  the parts to run (default above);
+#   GPU_CHECK_ESCONV=FILE  the ESConv JSONL file the packing part needs.
 # Packages the GPU machine lacks can be put in .whl/ as wheels (e.g. `pip download --no-deps
 # -d .whl ml_collections==1.1.0`); they are installed into /tmp/site first.
 set -uo pipefail
@@ -101,6 +105,12 @@ wanted decode && part decode 100 \
 wanted sampler && part sampler 50 \
     "$PYTHON" benchmarks/bench_sampler.py --batch 1 64 --repeats 5 --e2e-batch
 wanted attention && part attention 25 "$PYTHON" benchmarks/check_attention.py
+if wanted packing && [ -z "${GPU_CHECK_ESCONV:-}" ]; then
+    say "part packing: skipped (GPU_CHECK_ESCONV names no ESConv file)"
+elif wanted packing; then
+    part packing 180 "$PYTHON" benchmarks/bench_train_step.py --packing "$GPU_CHECK_ESCONV" \
+        --max-length 512 --steps 16
+fi
 
 say "== summary ($SECONDS s in all; log: $LOG)"
 for line in "${STATUS[@]}"; do
