@@ -235,8 +235,9 @@ def test_settings_the_backbone_cannot_take_are_named(checkpoint, tmp_path):
 
 
 def reference_nll(hidden, head, targets, weights):
-    """The NLL as autodiff sees it: the whole sequence's logits, then log-softmax."""
-    logp = jax.nn.log_softmax(hidden @ head)
+    """The NLL as autodiff sees it: the whole sequence's float32 logits, then log-softmax."""
+    logits = jnp.einsum("btd,dv->btv", hidden, head, preferred_element_type=jnp.float32)
+    logp = jax.nn.log_softmax(logits)
     return -jnp.sum(jnp.take_along_axis(logp, targets[..., None], -1)[..., 0] * weights)
 
 
@@ -277,9 +278,7 @@ def test_chunked_nll_in_bf16_follows_autodiff(keep):
     weights = jnp.asarray(rng.rand(2, 11) > 0.3, jnp.float32)
 
     def reference(h, w):
-        logits = jnp.einsum("btd,dv->btv", h, w, preferred_element_type=jnp.float32)
-        logp = jax.nn.log_softmax(logits)
-        return -jnp.sum(jnp.take_along_axis(logp, targets[..., None], -1)[..., 0] * weights)
+        return reference_nll(h, w, targets, weights)
 
     def nll(h, w):
         budget = 8 * 30 * 2 if keep else 8 * 30 * 2 - 1  # the bf16 head's gradient fits, or not

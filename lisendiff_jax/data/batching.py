@@ -12,16 +12,16 @@ that are not token losses (the diffusion loss) must be weighted by `row_mask`.
 Order. Epoch e visits the examples in the permutation drawn from (seed, e), independent of
 earlier epochs, so a `DataPosition` (epoch, offset) is all a checkpoint needs to resume.
 
-Packing (`data.packing`). Rows of `max_length` tokens (the largest bucket) are filled greedily
-with whole examples in the same epoch order: an example joins the current row if it fits and
-the row holds fewer than `segments` (K) examples, else it opens the next row; a batch ends
-when its `batch_size` rows are full. Positions restart at each example and `segment_ids`
-number a row's examples 1..K (0 on padding), so attention stays inside each example (see
-`Decoder.hidden_states`). Per-example arrays become per segment slot, [batch, K]:
+Packing (`data.packing`). Rows of `max_length` tokens (the largest bucket) are filled with
+whole examples in the same epoch order: an example joins the first of the batch's rows that it
+fits and that holds fewer than `segments` (K) examples, else it opens the next row; a batch
+ends at the first example that no row can take (`pack_rows`). Positions restart at each example
+and `segment_ids` number a row's examples 1..K (0 on padding), so attention stays inside each
+example (see `Decoder.hidden_states`). Per-example arrays become per segment slot, [batch, K]:
 `example_index` (an empty slot repeats the batch's first example) and `segment_mask`, which
-takes `row_mask`'s role. The offset still counts examples, so a position resumes exactly.
-The last batch of an epoch may have fewer full rows; the rest are copies of its first row
-with `segment_mask` and loss mask 0, as in an unpacked batch.
+takes `row_mask`'s role. The offset still counts examples, so a position resumes exactly. The
+last batch of an epoch may have fewer full rows; the rest are copies of its first row with
+`segment_mask` and loss mask 0, as in an unpacked batch.
 """
 
 from __future__ import annotations
