@@ -6,7 +6,8 @@ gradients of a token loss with respect to every weight (the backward pass throug
 each kernel are compared with the same model computed in float32 (einsum). bf16 alone puts the
 einsum kernel some way off that reference, so cuDNN passes when its largest relative error of a
 tensor is at most `--slack` times the einsum kernel's (plus 1e-3). Then forward + backward of
-both kernels, timed in turns. Exits 1 when cuDNN is less accurate.
+both kernels, timed in turns, and one of "auto" on an odd length (which cuDNN refuses to
+differentiate, so "auto" must take einsum there). Exits 1 when cuDNN is less accurate.
 
     python benchmarks/check_attention.py            # part of benchmarks/gpu_check.sh
 """
@@ -24,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from lisendiff_jax.backbone import BackboneConfig
-from lisendiff_jax.backbone.model import Decoder
+from lisendiff_jax.backbone.model import Decoder, attention_kernel
 from lisendiff_jax.backbone.presets import LLAMA_34M
 
 
@@ -64,7 +65,8 @@ def main() -> None:
     bc = BackboneConfig.from_hf_dict(LLAMA_34M)
     model = Decoder(bc, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     rng = np.random.RandomState(0)
-    ids = rng.randint(0, bc.vocab_size, (args.batch, args.seq)).astype(np.int32)
+    # seq + 1 tokens: the model reads the first seq, the loss predicts the last seq.
+    ids = rng.randint(0, bc.vocab_size, (args.batch, args.seq + 1)).astype(np.int32)
     mask = np.ones_like(ids)
     for row in range(args.batch):  # left padding of 0, 1/4, 2/4, ... of the row
         mask[row, : row * args.seq // (2 * args.batch)] = 0
@@ -105,6 +107,11 @@ def main() -> None:
         f"forward + backward, median of {args.steps} in turns: einsum {ms['einsum']:.1f} ms, "
         f"cudnn {ms['cudnn']:.1f} ms ({ms['einsum'] / ms['cudnn']:.2f}x)"
     )
+    model.attention = "auto"
+    odd = args.seq - 1 if args.seq % 2 == 0 else args.seq
+    kernel = attention_kernel("auto", jnp.bfloat16, odd)
+    loss, _ = step(model, ids[:, : odd + 1], mask[:, : odd + 1])
+    print(f"auto, odd length {odd}: {kernel}, forward + backward ran, loss {float(loss):.5f}")
     pairs = zip(errors["cudnn"], errors["einsum"], strict=True)
     if any(c > args.slack * e + 1e-3 for c, e in pairs):
         print(f"FAILED: cudnn attention is more than {args.slack}x the einsum kernel's error")

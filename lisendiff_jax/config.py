@@ -422,5 +422,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _check(isinstance(text, str) and bool(text.strip()), f"data.prompt_texts.{tag}", "empty")
     _one_of(d.train_prompt, TRAIN_PROMPTS, "data.train_prompt")
     _check(d.max_length >= 16, "data.max_length", "must be >= 16")
+    # Batches are max_length or a power of two long; cuDNN refuses to differentiate masked
+    # attention over an odd length ("auto" takes einsum there instead).
+    _check(
+        m.attention != "cudnn" or d.max_length % 2 == 0,
+        "data.max_length",
+        f"{d.max_length} is odd: model.attention 'cudnn' trains on even lengths only "
+        "(use 'auto', or an even max_length)",
+    )
     _check(d.max_context > 0, "data.max_context", "must be > 0")
     _one_of(d.on_error, ("raise", "skip"), "data.on_error")

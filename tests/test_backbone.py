@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from tiny_checkpoints import KINDS, make_checkpoint
 
 from lisendiff_jax.backbone import (
@@ -103,9 +104,9 @@ def test_xla_attention_kernel_equals_the_einsum_reference(pair):
 def test_auto_attention_takes_cudnn_only_where_its_probe_runs(monkeypatch):
     from lisendiff_jax.backbone import model as backbone_model
 
-    assert backbone_model.attention_kernel("auto", jnp.bfloat16) == "einsum"  # on a CPU
+    assert backbone_model.attention_kernel("auto", jnp.bfloat16, 64) == "einsum"  # on a CPU
     with pytest.raises(ValueError, match="NVIDIA GPU"):
-        backbone_model.attention_kernel("cudnn", jnp.bfloat16)
+        backbone_model.attention_kernel("cudnn", jnp.bfloat16, 64)
     # Pretend to be a CUDA device: "auto" follows the probe, which really runs (and on this
     # CPU really fails to run cuDNN, so "auto" falls back instead of failing later).
     device = types.SimpleNamespace(client=types.SimpleNamespace(platform_version="cuda 12.8"))
@@ -113,13 +114,36 @@ def test_auto_attention_takes_cudnn_only_where_its_probe_runs(monkeypatch):
     probe = backbone_model._cudnn_runs
     probe.cache_clear()
     try:
-        assert backbone_model.attention_kernel("auto", jnp.bfloat16) == "einsum"
-        assert backbone_model.attention_kernel("auto", jnp.float32) == "einsum"
+        assert backbone_model.attention_kernel("auto", jnp.bfloat16, 64) == "einsum"
+        assert backbone_model.attention_kernel("auto", jnp.float32, 64) == "einsum"
         monkeypatch.setattr(backbone_model, "_cudnn_runs", lambda dtype: True)
-        assert backbone_model.attention_kernel("auto", jnp.bfloat16) == "cudnn"
-        assert backbone_model.attention_kernel("auto", jnp.float32) == "einsum"
+        assert backbone_model.attention_kernel("auto", jnp.bfloat16, 64) == "cudnn"
+        assert backbone_model.attention_kernel("auto", jnp.float32, 64) == "einsum"
+        # cuDNN refuses to differentiate masked attention over an odd length.
+        assert backbone_model.attention_kernel("auto", jnp.bfloat16, 63) == "einsum"
     finally:
         probe.cache_clear()  # the CPU's answer was cached under the pretended device
+
+
+def test_auto_attention_trains_odd_lengths_where_cudnn_would_be_taken(monkeypatch, pair):
+    """With cuDNN usable, "auto" differentiates an odd-length batch by einsum, and hands an
+    even one to cuDNN (which this CPU cannot run: the call fails, so the route is seen)."""
+    from lisendiff_jax.backbone import model as backbone_model
+
+    _, folder, _, _ = pair
+    monkeypatch.setattr(backbone_model, "_on_cuda", lambda: True)
+    monkeypatch.setattr(backbone_model, "_cudnn_runs", lambda dtype: True)
+    model = load_backbone(folder, dtype="bfloat16")
+
+    def loss(model, ids):
+        return jnp.sum(model(ids, jnp.ones_like(ids)).astype(jnp.float32))
+
+    grad = nnx.jit(nnx.grad(loss))
+    assert all(
+        bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grad(model, jnp.ones((2, 7), int)))
+    )
+    with pytest.raises(Exception, match="(?i)cudnn"):
+        grad(model, jnp.ones((2, 8), int))
 
 
 def test_cached_decoding_equals_full_forward(pair):

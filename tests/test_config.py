@@ -74,6 +74,17 @@ def test_cudnn_attention_needs_half_precision():
         validate(c)
 
 
+def test_cudnn_attention_needs_an_even_max_length():
+    c = paper_config("x", "en")
+    c.model.attention, c.data.max_length = "cudnn", 511
+    with pytest.raises(ConfigError, match=r"--config\.data\.max_length: 511 is odd"):
+        validate(c)
+    c.data.max_length = 512
+    validate(c)
+    c.model.attention, c.data.max_length = "auto", 511
+    validate(c)
+
+
 def test_no_sources_is_an_error():
     with pytest.raises(ConfigError, match=r"data\.sources: name at least one corpus"):
         validate(base_config())

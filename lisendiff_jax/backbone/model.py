@@ -38,7 +38,9 @@ REMAT_POLICIES = {
 # `Attention.__call__`; "xla" is jax.nn.dot_product_attention's XLA path (the same products
 # and mask value, so it checks the call that "cudnn" makes); "cudnn" is cuDNN's fused flash
 # attention (NVIDIA GPU, bf16/fp16), which never stores the [batch, heads, seq, keys] scores.
-# "auto" takes cudnn where it applies (and a small probe call of it runs) and einsum elsewhere:
+# "auto" takes cudnn where it applies (and a small probe call of it, forward and backward, runs)
+# and einsum elsewhere, an odd sequence length included (cuDNN's masked attention refuses to
+# differentiate one, and a trace cannot tell whether it will be differentiated):
 # on a CPU both other kernels run the same products, and einsum was no slower there
 # (benchmarks/README.md). Decoding with a KV cache always runs einsum: one query per step,
 # nothing for flash attention to save.
@@ -52,17 +54,21 @@ def _on_cuda() -> bool:
 
 @functools.cache
 def _cudnn_runs(dtype: jnp.dtype) -> bool:
-    """Whether cuDNN's fused attention compiles and runs here with a boolean mask like ours.
+    """Whether cuDNN's fused attention compiles and runs here, forward and backward, with a
+    boolean mask like ours.
 
     "auto" asks before choosing it, so that a GPU, driver or cuDNN without a usable kernel
     falls back to the einsum reference instead of failing inside the first train step.
     """
     if not _on_cuda():
         return False
+
+    def attend(q: jax.Array, mask: jax.Array) -> jax.Array:
+        out = jax.nn.dot_product_attention(q, q, q, mask=mask, implementation="cudnn")
+        return jnp.sum(out.astype(jnp.float32))
+
     try:
-        fn = jax.jit(
-            lambda q, mask: jax.nn.dot_product_attention(q, q, q, mask=mask, implementation="cudnn")
-        )
+        fn = jax.jit(jax.value_and_grad(attend))
         # Asked while a train step is being traced: run the probe now, not in that trace.
         with jax.ensure_compile_time_eval():
             q = jnp.ones((1, 128, 2, 64), dtype)  # [batch, seq, heads, head_dim]
@@ -73,14 +79,15 @@ def _cudnn_runs(dtype: jnp.dtype) -> bool:
     return True
 
 
-def attention_kernel(setting: str, dtype: jnp.dtype) -> str:
-    """The kernel an `ATTENTION_KERNELS` setting runs for activations of `dtype` here."""
+def attention_kernel(setting: str, dtype: jnp.dtype, length: int) -> str:
+    """The kernel an `ATTENTION_KERNELS` setting runs here for activations of `dtype` on
+    sequences of `length` tokens."""
     if setting not in ATTENTION_KERNELS:
         raise ValueError(f"attention kernel {setting!r}: expected one of {ATTENTION_KERNELS}")
     cuda = _on_cuda()
     if setting == "auto":
-        usable = cuda and dtype in _CUDNN_DTYPES and _cudnn_runs(jnp.dtype(dtype))
-        return "cudnn" if usable else "einsum"
+        usable = cuda and dtype in _CUDNN_DTYPES and length % 2 == 0
+        return "cudnn" if usable and _cudnn_runs(jnp.dtype(dtype)) else "einsum"
     if setting == "cudnn" and not (cuda and dtype in _CUDNN_DTYPES):
         raise ValueError(
             f"attention kernel 'cudnn' needs an NVIDIA GPU and bfloat16/float16 activations; "
@@ -172,7 +179,7 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, end, 0, 0))
             kv = (k, v)
         else:
-            kernel = attention_kernel(self.kernel, q.dtype)
+            kernel = attention_kernel(self.kernel, q.dtype, t)
         if kernel != "einsum":
             # Same layout ([batch, seq, heads, head_dim], query head h reads kv head
             # h // group), scale and masked score (-0.7 x the float32 maximum) as below.
