@@ -273,7 +273,9 @@ def first_and_median(one_step: Callable[[int], None], steps: int) -> tuple[float
 
 def run_ours(args, lisendiff: bool, quantization: str = "none") -> dict:
     bc = BackboneConfig.from_hf_dict(SIZES[args.size])
-    model, state, one_step = make_ours(args.size, lisendiff, quantization, args.attention[0])
+    model, state, one_step = make_ours(
+        args.size, lisendiff, quantization, args.attention[0], (args.remat or [None])[0]
+    )
     flops = train_flops(model, args.seq)
     del model
     batch = {
@@ -556,7 +558,8 @@ def main() -> None:
         "--remat",
         nargs="+",
         choices=sorted(REMAT_POLICIES),
-        help="with --in-turns, one run of each rematerialisation policy (model.remat)",
+        help="the rematerialisation policy (model.remat; default the paper configs': full on "
+        "the 8B model, none on the 34M); with --in-turns, one run of each",
     )
     parser.add_argument(
         "--compute-dtype",
@@ -591,6 +594,10 @@ def main() -> None:
         "the embedded default's, 256)",
     )
     args = parser.parse_args()
+    # Without --in-turns each policy would need its own process: the peak memory reported is
+    # the process's.
+    if args.remat and len(args.remat) > 1 and not args.in_turns:
+        parser.error("--remat: give one policy, or several with --in-turns")
     if args.mfu_from_log:
         mfu_from_log(args.mfu_from_log)
         return
@@ -614,6 +621,7 @@ def main() -> None:
     print(
         f"model: random Llama, size {args.size}; batch {args.batch} x seq {args.seq}; "
         f"median of {args.steps} steps after one warm-up"
+        + (f"; remat {args.remat[0]}" if args.remat else "")
     )
     results = {}
     for variant in args.variants:

@@ -3,8 +3,10 @@
 #   1. the training step of a Llama-3.1-8B-shaped random model in bf16 with the paper's
 #      settings: LisenDiff on a bf16 base (train_lisendiff), on an int8 and on an nf4 one
 #      (train_int8, train_nf4: model.base_quantization), the LoRA-only baseline
-#      (train_lora_only) and transformers + PEFT on the same shape (train_peft): tokens/s,
-#      model FLOPs utilisation, peak memory, and whether it fits a 24, 16 or 12 GB card;
+#      (train_lora_only), the same with the `attention` or `dots` remat policy instead of
+#      `full` (train_lora_only_remat_attention, train_lora_only_remat_dots) and
+#      transformers + PEFT on the same shape (train_peft): tokens/s, model FLOPs
+#      utilisation, peak memory, and whether it fits a 24, 16 or 12 GB card;
 #   2. greedy decoding of the same shape, ours vs transformers' generate (decode);
 #   3. the latent sampler at the paper's sizes (d_enc 768, T = 50): the chain as one scan vs
 #      a Python loop of jitted steps, latents/s at batch 1 and 64 (sampler);
@@ -15,9 +17,15 @@
 #      model's LisenDiff step (packing): only with GPU_CHECK_ESCONV=FILE, ESConv in the JSONL
 #      dialogue format (docs/data.md), which the repository does not ship.
 # Together they take more than 10 minutes, so a run takes the parts GPU_CHECK_PARTS names
-# (and the environment). The default, "train_lisendiff train_int8 train_nf4 sampler
-# attention", has limits adding up to 590 s with the environment and wheels; the rest,
-# GPU_CHECK_PARTS="train_lora_only train_peft decode packing", to 530 s.
+# (and the environment). Their time limits add up, with the environment and wheels, to 590 s
+# for the default, "train_lora_only train_lisendiff attention sampler"; to 520 s for
+# "train_int8 train_nf4"; to 425 s for "train_peft decode packing"; to 440 s for
+# "train_lora_only_remat_attention train_lora_only_remat_dots". On an H200 (jax 0.11.2) the
+# 8B steps took 119 s (LoRA-only) and 150 s (LisenDiff) to compile; compiled programs go to a
+# persistent cache (JAX_COMPILATION_CACHE_DIR, default under TMPDIR), so a second run on the
+# same machine skips most of that (its "compile" figures are then the cache's).
+# The environment part first checks that every package the parts import is there, and stops
+# the run naming the missing ones.
 # Each part runs in its own process so that peak memory is its own. After each part a status
 # line says `part NAME: ok (S s)`, `FAILED rc=N (S s)` or `TIMED OUT after LIMIT s`; a summary
 # ends the run, and the exit status is 1 when any part did not finish ok.
@@ -29,14 +37,17 @@
 #   GPU_CHECK_ESCONV=FILE  the ESConv JSONL file the packing part needs.
 # Packages the GPU machine lacks can be put in .whl/ as wheels (e.g. `pip download --no-deps
 # -d .whl ml_collections==1.1.0`); they are installed into /tmp/site first.
+# An H200 machine with jax 0.11.2, torch and transformers lacked ml_collections, langcodes,
+# qwix, openpyxl and et_xmlfile.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG="${GPU_CHECK_LOG:-${TMPDIR:-/tmp}/gpu_check.log}"
 PYTHON="${PYTHON:-python3}"
-PARTS=" ${GPU_CHECK_PARTS:-train_lisendiff train_int8 train_nf4 sampler attention} "
+PARTS=" ${GPU_CHECK_PARTS:-train_lora_only train_lisendiff attention sampler} "
 : >"$LOG"
 # Without preallocation, the peak that JAX reports is what the run needed, not 75% of the card.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
+export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-${TMPDIR:-/tmp}/lisendiff_jax_xla_cache}"
 export PYTHONPATH="$PWD"
 
 say() { echo "$*" | tee -a "$LOG"; }
@@ -79,32 +90,53 @@ environment() {
         "$PYTHON" - <<'PY'
 from importlib.metadata import PackageNotFoundError, version
 
+import importlib
+import sys
+
 for name in ("jax", "jaxlib", "flax", "torch", "transformers", "peft"):
     try:
         print(name, version(name), end="  ")
     except PackageNotFoundError:
         print(name, "NOT INSTALLED", end="  ")
 print()
+missing = []
+# What the parts import, the lazily imported ones too (qwix: int8/nf4; openpyxl: packing's
+# bundled data).
+for module in ("lisendiff_jax.train.loop", "qwix", "openpyxl", "peft"):
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as error:
+        missing.append(error.name)
+if missing:
+    sys.exit(f"missing Python packages: {' '.join(missing)} (put their wheels in .whl/)")
 PY
 }
 export -f environment
 export PYTHON
-part environment 10 bash -c environment
+part environment 30 bash -c environment
+if [ "$FAILED" -ne 0 ]; then
+    say "the environment is incomplete: no part was run"
+    exit 1
+fi
 TRAIN=("$PYTHON" benchmarks/bench_train_step.py --size 8b --batch 1 --seq 512 --steps 5)
 # Each base in its own process, so that each peak is its own (bench_train_step.py makes a
 # quantized backbone layer by layer: no float copy of it counts in the peak).
-wanted train_lisendiff && part train_lisendiff 165 "${TRAIN[@]}" --no-peft --variants lisendiff
+wanted train_lora_only && part train_lora_only 200 "${TRAIN[@]}" --no-peft --variants lora_only
+wanted train_lisendiff && part train_lisendiff 240 "${TRAIN[@]}" --no-peft --variants lisendiff
 for base in int8 nf4; do
-    wanted "train_$base" && part "train_$base" 165 "${TRAIN[@]}" --no-peft --variants lisendiff \
+    wanted "train_$base" && part "train_$base" 240 "${TRAIN[@]}" --no-peft --variants lisendiff \
         --base-quantization "$base"
 done
-wanted train_lora_only && part train_lora_only 125 "${TRAIN[@]}" --no-peft --variants lora_only
+for policy in attention dots; do
+    wanted "train_lora_only_remat_$policy" && part "train_lora_only_remat_$policy" 200 \
+        "${TRAIN[@]}" --no-peft --variants lora_only --remat "$policy"
+done
 wanted train_peft && part train_peft 105 "${TRAIN[@]}" --variants
 wanted decode && part decode 100 \
     "$PYTHON" benchmarks/bench_decode.py --size 8b --batch 1 8 --new-tokens 128 --repeats 2
 wanted sampler && part sampler 50 \
     "$PYTHON" benchmarks/bench_sampler.py --batch 1 64 --repeats 5 --e2e-batch
-wanted attention && part attention 25 "$PYTHON" benchmarks/check_attention.py
+wanted attention && part attention 60 "$PYTHON" benchmarks/check_attention.py
 if wanted packing && [ -z "${GPU_CHECK_ESCONV:-}" ]; then
     say "part packing: skipped (GPU_CHECK_ESCONV names no ESConv file)"
 elif wanted packing; then
