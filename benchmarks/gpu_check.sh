@@ -15,11 +15,13 @@
 #      bf16 batch against float32, and the time of each (attention);
 #   5. packed vs bucketed batches of real dialogue at max_length 512, real tokens/s of the 34M
 #      model's LisenDiff step (packing): only with GPU_CHECK_ESCONV=FILE, ESConv in the JSONL
-#      dialogue format (docs/data.md), which the repository does not ship.
+#      dialogue format (docs/data.md), which the repository does not ship;
+#   6. the LoRA-only step's GPU time by kernel: matrix products, attention, the rest
+#      (profile).
 # Together they take more than 10 minutes, so a run takes the parts GPU_CHECK_PARTS names
 # (and the environment). Their time limits add up, with the environment and wheels, to 590 s
 # for the default, "train_lora_only train_lisendiff attention sampler"; to 520 s for
-# "train_int8 train_nf4"; to 425 s for "train_peft decode packing"; to 440 s for
+# "train_int8 train_nf4"; to 595 s for "train_peft decode packing profile"; to 440 s for
 # "train_lora_only_remat_attention train_lora_only_remat_dots". On an H200 (jax 0.11.2) the
 # 8B steps took 119 s (LoRA-only) and 150 s (LisenDiff) to compile; compiled programs go to a
 # persistent cache (JAX_COMPILATION_CACHE_DIR, default under TMPDIR), so a second run on the
@@ -137,6 +139,7 @@ wanted decode && part decode 100 \
 wanted sampler && part sampler 50 \
     "$PYTHON" benchmarks/bench_sampler.py --batch 1 64 --repeats 5 --e2e-batch
 wanted attention && part attention 60 "$PYTHON" benchmarks/check_attention.py
+wanted profile && part profile 170 "$PYTHON" benchmarks/profile_step.py
 if wanted packing && [ -z "${GPU_CHECK_ESCONV:-}" ]; then
     say "part packing: skipped (GPU_CHECK_ESCONV names no ESConv file)"
 elif wanted packing; then
