@@ -90,10 +90,9 @@ fi
 environment() {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader &&
         "$PYTHON" - <<'PY'
-from importlib.metadata import PackageNotFoundError, version
-
 import importlib
 import sys
+from importlib.metadata import PackageNotFoundError, version
 
 for name in ("jax", "jaxlib", "flax", "torch", "transformers", "peft"):
     try:
