@@ -89,6 +89,12 @@ def synthetic_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str
     }
 
 
+def device_batch(size: str, batch: int, seq: int) -> dict[str, jax.Array]:
+    """`synthetic_batch` for the model of `size`, on the default device."""
+    vocab = BackboneConfig.from_hf_dict(SIZES[size]).vocab_size
+    return {k: jnp.asarray(v) for k, v in synthetic_batch(batch, seq, vocab).items()}
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainFlops:
     """Multiply-adds per token of one training step's forward pass, in three parts."""
@@ -287,15 +293,12 @@ def back_to_back(
 
 
 def run_ours(args, lisendiff: bool, quantization: str = "none") -> dict:
-    bc = BackboneConfig.from_hf_dict(SIZES[args.size])
     model, state, one_step = make_ours(
         args.size, lisendiff, quantization, args.attention[0], (args.remat or [None])[0]
     )
     flops = train_flops(model, args.seq)
     del model
-    batch = {
-        k: jnp.asarray(v) for k, v in synthetic_batch(args.batch, args.seq, bc.vocab_size).items()
-    }
+    batch = device_batch(args.size, args.batch, args.seq)
 
     compile_s, seconds = first_and_median(functools.partial(one_step, batch), args.steps)
     chained = back_to_back(
@@ -388,10 +391,7 @@ def run_in_turns(args) -> None:
     """Ours LoRA-only, once per `--attention` kernel and `--remat` policy (with XLA's temporary
     memory for its step), and transformers + PEFT unless `--no-peft`: one step of each in turn,
     so that a machine shared with other work slows all alike; medians and ratios."""
-    bc = BackboneConfig.from_hf_dict(SIZES[args.size])
-    batch = {
-        k: jnp.asarray(v) for k, v in synthetic_batch(args.batch, args.seq, bc.vocab_size).items()
-    }
+    batch = device_batch(args.size, args.batch, args.seq)
     steps: dict[str, Callable[[int], None]] = {}
     for attention, remat, dtype in itertools.product(
         args.attention, args.remat or [None], args.compute_dtype or [None]

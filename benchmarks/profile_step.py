@@ -15,19 +15,16 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import re
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train_step import SIZES, make_ours, synthetic_batch  # noqa: E402
-
-from lisendiff_jax.backbone import BackboneConfig  # noqa: E402
+from bench_train_step import SIZES, device_batch, first_and_median, make_ours  # noqa: E402
 
 GROUPS = (  # (group, substrings of a kernel's lower-cased name), first match wins
     ("attention", ("cudnn", "fmha", "flash", "sdpa")),
@@ -53,19 +50,11 @@ def main() -> None:
 
     device = jax.devices()[0]
     print(f"jax {jax.__version__} on {device.platform} ({device.device_kind})")
-    bc = BackboneConfig.from_hf_dict(SIZES[args.size])
     _, _, one_step = make_ours(args.size, args.variant == "lisendiff")
-    batch = {
-        k: jnp.asarray(v) for k, v in synthetic_batch(args.batch, args.seq, bc.vocab_size).items()
-    }
-    start = time.perf_counter()
-    one_step(batch, 0)
-    print(f"first step (compile) {time.perf_counter() - start:.1f} s")
-    one_step(batch, 1)
-    start = time.perf_counter()
-    for i in range(args.steps):
-        one_step(batch, 2 + i)
-    print(f"step untraced {(time.perf_counter() - start) / args.steps * 1e3:.1f} ms")
+    batch = device_batch(args.size, args.batch, args.seq)
+    compile_s, seconds = first_and_median(functools.partial(one_step, batch), args.steps)
+    print(f"first step (compile) {compile_s:.1f} s")
+    print(f"step untraced {seconds * 1e3:.1f} ms (median of {args.steps})")
 
     with tempfile.TemporaryDirectory() as folder:
         with jax.profiler.trace(folder):
