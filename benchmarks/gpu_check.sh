@@ -17,15 +17,19 @@
 #      model's LisenDiff step (packing): only with GPU_CHECK_ESCONV=FILE, ESConv in the JSONL
 #      dialogue format (docs/data.md), which the repository does not ship;
 #   6. the LoRA-only step's GPU time by kernel: matrix products, attention, the rest
-#      (profile).
+#      (profile);
+#   7. the trained bf16 LM head's optimizer update alone, in each model.low_precision_update
+#      and with the random bits drawn one hash per value as before, vs torch's AdamW
+#      (head_update).
 # Together they take more than 10 minutes, so a run takes the parts GPU_CHECK_PARTS names
 # (and the environment). Their time limits add up, with the environment and wheels, to 590 s
 # for the default, "train_lora_only train_lisendiff attention sampler"; to 520 s for
-# "train_int8 train_nf4"; to 595 s for "train_peft decode packing profile"; to 440 s for
-# "train_lora_only_remat_attention train_lora_only_remat_dots". On an H200 (jax 0.11.2) the
-# 8B steps took 119 s (LoRA-only) and 150 s (LisenDiff) to compile; compiled programs go to a
-# persistent cache (JAX_COMPILATION_CACHE_DIR, default under TMPDIR), so a second run on the
-# same machine skips most of that (its "compile" figures are then the cache's).
+# "train_int8 train_nf4"; to 595 s for "train_peft decode packing profile"; to 500 s for
+# "train_lora_only_remat_attention train_lora_only_remat_dots head_update". On an H200
+# (jax 0.11.2) the 8B steps took 119 s (LoRA-only) and 150 s (LisenDiff) to compile; compiled
+# programs go to a persistent cache (JAX_COMPILATION_CACHE_DIR, default under TMPDIR), so a
+# second run on the same machine skips most of that (its "compile" figures are then the
+# cache's).
 # The environment part first checks that every package the parts import is there, and stops
 # the run naming the missing ones.
 # Each part runs in its own process so that peak memory is its own. After each part a status
@@ -139,6 +143,8 @@ wanted sampler && part sampler 50 \
     "$PYTHON" benchmarks/bench_sampler.py --batch 1 64 --repeats 5 --e2e-batch
 wanted attention && part attention 60 "$PYTHON" benchmarks/check_attention.py
 wanted profile && part profile 170 "$PYTHON" benchmarks/profile_step.py
+wanted head_update && part head_update 60 \
+    "$PYTHON" benchmarks/bench_head_update.py --size 8b --steps 10
 if wanted packing && [ -z "${GPU_CHECK_ESCONV:-}" ]; then
     say "part packing: skipped (GPU_CHECK_ESCONV names no ESConv file)"
 elif wanted packing; then

@@ -125,20 +125,34 @@ def make_train_step(
         (total, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             trainable, frozen, batch, rng
         )
-        updates, opt_state = tx.update(grads, opt_state, trainable)
-        if (low_precision_update == "float32_master") != isinstance(opt_state, MasterState):
-            raise ValueError(
-                f"low_precision_update={low_precision_update!r} and the optimizer disagree: "
-                "build both from the same config (make_optimizer)"
-            )
-        if isinstance(opt_state, MasterState):
-            trainable = from_masters(optax.apply_updates(trainable, updates), opt_state.master)
-        else:
-            key = jax.random.fold_in(rng, ROUNDING_STREAM)
-            trainable = apply_updates(
-                trainable, updates, key, stochastic=low_precision_update == "stochastic"
-            )
+        trainable, opt_state = optimizer_update(
+            tx, grads, opt_state, trainable, rng, low_precision_update
+        )
         metrics = dict(metrics, loss=total, grad_norm=optax.global_norm(grads))
         return trainable, opt_state, metrics
 
     return step
+
+
+def optimizer_update(
+    tx: optax.GradientTransformation,
+    grads: Any,
+    opt_state: Any,
+    trainable: Any,
+    rng: jax.Array,
+    low_precision_update: str = "stochastic",
+) -> tuple[Any, Any]:
+    """The step's optimizer update, traced inside it: `(trainable, opt_state)` after `tx`
+    on `grads`, landed on the low-precision parameters as `low_precision_update` says
+    (`make_train_step`), with the rounding key folded from the step's `rng`."""
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    if (low_precision_update == "float32_master") != isinstance(opt_state, MasterState):
+        raise ValueError(
+            f"low_precision_update={low_precision_update!r} and the optimizer disagree: "
+            "build both from the same config (make_optimizer)"
+        )
+    if isinstance(opt_state, MasterState):
+        return from_masters(optax.apply_updates(trainable, updates), opt_state.master), opt_state
+    key = jax.random.fold_in(rng, ROUNDING_STREAM)
+    stochastic = low_precision_update == "stochastic"
+    return apply_updates(trainable, updates, key, stochastic=stochastic), opt_state
