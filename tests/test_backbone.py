@@ -317,3 +317,38 @@ def test_folder_without_safetensors_and_unknown_hub_id(tmp_path):
         load_backbone(tmp_path)
     with pytest.raises(CheckpointError, match="no-such-org/no-such-model: not a local folder"):
         load_backbone("no-such-org/no-such-model")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_rotary_is_transformers_rotate_half_without_a_concatenate(dtype):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from lisendiff_jax.backbone.rope import apply_rotary, rotary_tables
+
+    inv_freq = (1.0 / 10000.0 ** (np.arange(0, 64, 2) / 64)).astype(np.float32)
+    cos, sin = rotary_tables(jnp.arange(37)[None].repeat(2, 0), inv_freq)  # [2, 37, 64]
+    x = jax.random.normal(jax.random.key(0), (2, 37, 4, 64), dtype)  # [batch, seq, heads, dim]
+
+    def by_concatenate(x):  # rotate_half as transformers writes it
+        rotated = jnp.concatenate([-x[..., 32:], x[..., :32]], axis=-1)
+        return x * cos[:, :, None].astype(x.dtype) + rotated * sin[:, :, None].astype(x.dtype)
+
+    def square_sum(f):
+        return jax.grad(lambda x: jnp.sum(f(x).astype(jnp.float32) ** 2))
+
+    for ours, reference in [
+        (lambda x: apply_rotary(x, cos, sin), by_concatenate),
+        (square_sum(lambda x: apply_rotary(x, cos, sin)), square_sum(by_concatenate)),
+    ]:
+        np.testing.assert_array_equal(
+            np.asarray(ours(x).astype(jnp.float32)), np.asarray(reference(x).astype(jnp.float32))
+        )
+        assert "concatenate" not in str(jax.make_jaxpr(ours)(x))
+    if dtype == jnp.float32:
+        q = torch.tensor(np.asarray(x)).transpose(1, 2)  # transformers': [batch, heads, seq, dim]
+        expected, _ = apply_rotary_pos_emb(
+            q, q, torch.tensor(np.asarray(cos)), torch.tensor(np.asarray(sin))
+        )
+        np.testing.assert_allclose(
+            np.asarray(apply_rotary(x, cos, sin)), expected.transpose(1, 2).numpy(), atol=1e-6
+        )

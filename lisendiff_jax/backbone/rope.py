@@ -45,9 +45,14 @@ def rotary_tables(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array
 
 
 def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotates x [batch, seq, heads, head_dim] in the half-split layout transformers uses."""
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    """Rotates x [batch, seq, heads, head_dim] in the half-split layout transformers uses:
+    x * cos + [-x2, x1] * sin, where x = [x1, x2]."""
+    *lead, head_dim = x.shape
+    # [x2, x1] as the reversal of a [2, half] view, with the minus sign moved into sin: both
+    # exact, and element-wise for XLA to fuse with the products around them, where a
+    # concatenate of slices can be emitted as a kernel of its own.
+    swapped = jnp.flip(x.reshape(*lead, 2, head_dim // 2), axis=-2).reshape(x.shape)
+    sign = np.repeat(np.array([-1, 1], np.float32), head_dim // 2)  # [head_dim]
     cos = cos[:, :, None, :].astype(x.dtype)
-    sin = sin[:, :, None, :].astype(x.dtype)
-    return x * cos + rotated * sin
+    sin = (sin[:, :, None, :] * sign).astype(x.dtype)
+    return x * cos + swapped * sin
