@@ -281,15 +281,20 @@ def first_and_median(one_step: Callable[[int], None], steps: int) -> tuple[float
 
 def back_to_back(
     one_step: Callable[[int, bool], None], finish: Callable[[], None], steps: int
-) -> float:
+) -> tuple[float, float]:
     """Seconds per step of `steps` steps dispatched back to back, with one wait at the end, as
     the training loop runs them (it waits only at log steps): unlike the median of waited
-    steps, the device's idle time between steps is hidden where dispatch runs ahead."""
+    steps, the device's idle time between steps is hidden where dispatch runs ahead. Also the
+    median seconds a step's call took to return (dispatch: the host's work per step, which a
+    waited step adds to the device's idle time)."""
+    calls = []
     start = time.perf_counter()
     for i in range(steps):
+        call = time.perf_counter()
         one_step(i, False)
+        calls.append(time.perf_counter() - call)
     finish()
-    return (time.perf_counter() - start) / steps
+    return (time.perf_counter() - start) / steps, statistics.median(calls)
 
 
 def run_ours(args, lisendiff: bool, quantization: str = "none") -> dict:
@@ -301,7 +306,7 @@ def run_ours(args, lisendiff: bool, quantization: str = "none") -> dict:
     batch = device_batch(args.size, args.batch, args.seq)
 
     compile_s, seconds = first_and_median(functools.partial(one_step, batch), args.steps)
-    chained = back_to_back(
+    chained, dispatch = back_to_back(
         lambda i, wait: one_step(batch, args.steps + 1 + i, wait),
         lambda: jax.block_until_ready(state["trainable"]),
         args.steps,
@@ -309,6 +314,7 @@ def run_ours(args, lisendiff: bool, quantization: str = "none") -> dict:
     result = {
         "tokens_per_s": args.batch * args.seq / seconds,
         "back_to_back_tokens_per_s": args.batch * args.seq / chained,
+        "dispatch_s": dispatch,
         "step_s": seconds,
         "compile_s": compile_s,
         "flops": flops,
@@ -374,12 +380,13 @@ def run_peft(args) -> dict:
     gpu = torch.cuda.is_available()
     one_step = make_peft(args)
     _, seconds = first_and_median(lambda i: one_step(), args.steps)
-    chained = back_to_back(
+    chained, dispatch = back_to_back(
         lambda i, wait: one_step(wait), torch.cuda.synchronize if gpu else lambda: None, args.steps
     )
     result = {
         "tokens_per_s": args.batch * args.seq / seconds,
         "back_to_back_tokens_per_s": args.batch * args.seq / chained,
+        "dispatch_s": dispatch,
         "step_s": seconds,
     }
     if gpu:
@@ -670,6 +677,7 @@ def main() -> None:
         line += f"  back-to-back {r['back_to_back_tokens_per_s']:.1f} tok/s"
         if peak and "flops" in r:
             line += f" (MFU {100 * mfu(r['back_to_back_tokens_per_s'], r['flops'], peak):.1f}%)"
+        line += f"  dispatch {r['dispatch_s'] * 1e3:.1f} ms"
         if "peak_gib" in r:
             fits = (
                 f"{gb} GB: {'fits' if r['peak_gib'] < gb - 0.5 else 'does NOT fit'}"
