@@ -18,9 +18,8 @@
 #      dialogue format (docs/data.md), which the repository does not ship;
 #   6. the LoRA-only step's GPU time by kernel: matrix products, attention, the rest
 #      (profile);
-#   7. the trained bf16 LM head's optimizer update alone, in each model.low_precision_update
-#      and with the random bits drawn one hash per value as before, vs torch's AdamW
-#      (head_update).
+#   7. the trained bf16 LM head's optimizer update alone, in each model.low_precision_update,
+#      vs torch's AdamW (head_update).
 # Together they take more than 10 minutes, so a run takes the parts GPU_CHECK_PARTS names
 # (and the environment). Their time limits add up, with the environment and wheels, to 590 s
 # for the default, "train_lora_only train_lisendiff attention sampler"; to 520 s for

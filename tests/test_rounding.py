@@ -5,8 +5,6 @@ step takes each `model.low_precision_update` path."""
 from __future__ import annotations
 
 import functools
-import math
-import re
 
 import jax
 import jax.numpy as jnp
@@ -86,51 +84,6 @@ def test_stochastic_rounding_is_unbiased_and_keeps_representable_values():
     r16 = np.asarray(stochastic_round(h, jnp.float16, key).astype(jnp.float32))
     assert set(np.unique(r16)) == {1.0, 1.0 + 2.0**-10}
     np.testing.assert_allclose(r16.mean(), float(h[0]), rtol=0, atol=0.01 * 2.0**-10)
-
-
-def hashed_elements(fn, *args) -> int:
-    """How many threefry-2x32 hashes `fn(*args)` computes (the first output's size, summed
-    over the hash primitives in its printed jaxpr; a typed key's own `random_bits` is not
-    counted)."""
-    lines = str(jax.make_jaxpr(fn)(*args)).splitlines()
-    sizes = [
-        re.search(r":u32\[([\d,]*)\]", line).group(1) for line in lines if "= threefry2x32" in line
-    ]
-    assert sizes, "no threefry2x32 in the jaxpr"
-    return sum(math.prod(int(d) for d in size.split(",") if d) for size in sizes)
-
-
-@pytest.mark.parametrize("shape", [(), (3,), (7, 5), (2, 3, 9), (64, 4096)])
-def test_random_halfwords_takes_four_values_from_each_hash(shape):
-    key = jax.random.key(5)
-    values = rounding.random_halfwords(key, shape)
-    assert values.shape == shape and values.dtype == jnp.uint32
-    assert int(values.max()) < 2**16
-    lead, last = math.prod(shape[:-1]), (shape[-1] if shape else 1)
-    # One hash per four values along the last axis (jax.random.bits takes one per value).
-    hashes = hashed_elements(lambda k: rounding.random_halfwords(k, shape), key)
-    assert hashes == lead * -(-last // 4)
-
-
-def test_random_halfwords_are_uniform_and_independent_across_the_four_lanes_and_rows():
-    values = np.asarray(rounding.random_halfwords(jax.random.key(6), (256, 1023)), np.float64)
-    u = (values + 0.5) / 2**16  # uniform on (0, 1) if the values are
-    for lane in range(4):  # the four values of one hash, and the columns past the last hash
-        np.testing.assert_allclose(u[:, lane::4].mean(), 0.5, atol=0.005)
-        np.testing.assert_allclose(u[:, lane::4].var(), 1 / 12, atol=0.003)
-    # The four values of each hash: no correlation between any two (each estimate's noise is
-    # about 0.004).
-    lanes = u[:, :1020].reshape(-1, 4).T
-    off_diagonal = np.corrcoef(lanes)[~np.eye(4, dtype=bool)]
-    assert np.abs(off_diagonal).max() < 0.015
-    # Neighbouring hashes along a row and down a column: none either.
-    for a, b in [(u[:, :-4], u[:, 4:]), (u[:-1], u[1:])]:
-        assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < 0.015
-    other = np.asarray(rounding.random_halfwords(jax.random.key(7), (256, 1023)), np.float64)
-    assert abs(np.corrcoef(values.ravel(), other.ravel())[0, 1]) < 0.015
-    # The counters are the element's place: a row of a larger array draws what it drew alone.
-    wide = rounding.random_halfwords(jax.random.key(6), (512, 1023))
-    np.testing.assert_array_equal(np.asarray(wide[:256]), values.astype(np.uint32))
 
 
 def test_float32_leaves_are_updated_exactly_as_optax_does():

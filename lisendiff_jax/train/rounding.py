@@ -23,13 +23,11 @@ writes the low-precision ones back stochastically rounded (float32 ones exactly 
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
-from jax.extend.random import threefry2x32_p
 
 LOW_PRECISION = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
@@ -48,51 +46,15 @@ def stochastic_round(x: jax.Array, dtype: jnp.dtype, key: jax.Array) -> jax.Arra
     `dtype` stay as they are. For fp16 this is exact within its normal range; below it (|x| <
     6.1e-5, fp16's subnormals) the final cast rounds to nearest.
 
-    The random bits (`random_halfwords`) are the one array this adds, 2 bytes per value;
-    everything else is element-wise and fuses into the update, and shardings carry through.
+    Everything here is elementwise, so shardings carry through, and on GPU XLA fuses the
+    random bits (threefry, unrolled there) into the update: no array of the weight's size is
+    added. (On CPU, JAX's threefry is a loop whose intermediate arrays are materialised.)
     """
     dropped = jnp.finfo(jnp.float32).nmant - jnp.finfo(dtype).nmant  # 16 for bf16, 13 for fp16
     bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
-    noise = random_halfwords(key, x.shape) >> (16 - dropped)  # [0, 2**dropped)
+    noise = jax.random.bits(key, x.shape, jnp.uint32) >> (32 - dropped)  # [0, 2**dropped)
     kept = (bits + noise) & ~jnp.uint32((1 << dropped) - 1)
     return jax.lax.bitcast_convert_type(kept, jnp.float32).astype(dtype)
-
-
-def random_halfwords(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """Uniform 16-bit random values (in a uint32 array of `shape`), four from each threefry
-    hash.
-
-    `jax.random.bits` spends a whole threefry-2x32 hash (64 bits, some hundred integer
-    operations) on each 32-bit value, where a rounding uses 16 bits: on the 525M-value bf16
-    head of an 8B model and its two moments, that is 1.6G hashes a step, by our estimate most
-    of the update's time (benchmarks/bench_head_update.py measures it). Here each hash of (key,
-    counter) feeds four neighbouring values of the last axis. The primitive is bound directly
-    because `jax.extend.random.threefry_2x32` flattens its counters, which would undo a
-    sharding; the counters here are iotas over the grid of hashes.
-    """
-    if not shape:
-        return random_halfwords(key, (1,)).reshape(())
-    *lead, last = shape
-    grid = (*lead, -(-last // 4))  # one hash per 4 elements of the last axis
-    # Counter pair: (linear index over all but the first axis, index along the first).
-    rows, rest = (grid[0], grid[1:]) if lead else (1, grid)
-    if max(rows, math.prod(rest)) >= 2**32:
-        raise ValueError(f"random_halfwords: shape {shape} needs counters past 32 bits")
-    low = jnp.zeros(grid, jnp.uint32)
-    stride = 1
-    for axis in reversed(range(len(grid) - len(rest), len(grid))):
-        low = low + jax.lax.broadcasted_iota(jnp.uint32, grid, axis) * jnp.uint32(stride)
-        stride *= grid[axis]
-    high = jax.lax.broadcasted_iota(jnp.uint32, grid, 0) if lead else jnp.zeros_like(low)
-    k0, k1 = jax.random.bits(key, (2,), jnp.uint32)  # the hash's key, from any PRNG's key
-    h0, h1 = threefry2x32_p.bind(k0, k1, low, high)  # uint32 grid each
-    # Written out (2 bytes per value) before use: fused into the rounding, each hash would be
-    # computed again for each of its four values, as many hashes as one per value.
-    h0, h1 = jax.lax.optimization_barrier((h0, h1))
-    lane = jax.lax.broadcasted_iota(jnp.uint32, (*grid, 4), len(grid))
-    word = jnp.where(lane < 2, h0[..., None], h1[..., None])  # lanes 0, 1: h0; 2, 3: h1
-    halves = (word >> ((lane & 1) * 16)) & 0xFFFF  # [*grid, 4]: low half, then high half
-    return halves.reshape(*lead, 4 * grid[-1])[..., :last]
 
 
 def apply_updates(params: Any, updates: Any, key: jax.Array, stochastic: bool = True) -> Any:
