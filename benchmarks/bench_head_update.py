@@ -49,10 +49,7 @@ def make_ours(shape: tuple[int, int], mode: str) -> Callable[[int], None]:
     grads = {"lm_head": jax.random.normal(jax.random.key(1), shape, jnp.bfloat16) * 1e-3}
     state = {"head": head, "opt": tx.init(head)}
     update = jax.jit(
-        functools.partial(
-            optimizer_update, tx, low_precision_update=config.model.low_precision_update
-        ),
-        donate_argnums=(1, 2),
+        functools.partial(optimizer_update, tx, low_precision_update=mode), donate_argnums=(1, 2)
     )
 
     def one_update(i: int) -> None:
