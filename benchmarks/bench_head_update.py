@@ -40,7 +40,8 @@ MODES = ("stochastic", "nearest", "float32_master")
 
 
 def make_ours(shape: tuple[int, int], mode: str) -> Callable[[int], None]:
-    """`one_update(i)`: our jitted update of a bf16 head of `shape` (in place, key i), waited."""
+    """`one_update(i)`: our jitted update of a bf16 head of `shape` (in place), waited; its
+    rounding key comes from the optimizer state's step count, as in training."""
     config = paper_config("bench", "ja", lisendiff=False)
     config.learning_rate = 1e-4
     config.model.low_precision_update = mode
@@ -52,8 +53,8 @@ def make_ours(shape: tuple[int, int], mode: str) -> Callable[[int], None]:
         functools.partial(optimizer_update, tx, low_precision_update=mode), donate_argnums=(1, 2)
     )
 
-    def one_update(i: int) -> None:
-        state["head"], state["opt"] = update(grads, state["opt"], state["head"], jax.random.key(i))
+    def one_update(_: int) -> None:
+        state["head"], state["opt"] = update(grads, state["opt"], state["head"])
         jax.block_until_ready(state["head"])
 
     return one_update

@@ -89,7 +89,10 @@ def gradients(trainer: Trainer) -> dict:
     shardings = trainer.mesh.step_shardings(
         trainer.trainable, trainer.frozen, tx.init(trainer.trainable), trainer.config.batch_size
     )
-    step = make_train_step(tx, functools.partial(training_loss, trainer.graphdef), shardings)
+    # Its update is zero, so it lands the same in every mode; "nearest" needs no Adam state.
+    step = make_train_step(
+        tx, functools.partial(training_loss, trainer.graphdef), shardings, "nearest"
+    )
     params = jax.tree.map(jnp.copy, trainer.trainable)  # the step donates its input
     batch, _, _ = next(trainer.batches())
     with trainer.mesh.active():

@@ -6,8 +6,9 @@ most often no step at all. `model.low_precision_update` chooses what happens ins
 
     stochastic      the float32 sum p + u is rounded up or down with probability proportional
                     to its distance from each neighbour, so that on average the parameter
-                    follows the float32 sum. No extra memory; the random bits come from the
-                    step's key, so a resumed run rounds exactly as an uninterrupted one.
+                    follows the float32 sum. No extra memory; the random bits come from a
+                    key and step count in the optimizer state (`step_key`), so a resumed
+                    run rounds exactly as an uninterrupted one.
     nearest         plain rounding to nearest: small updates vanish (kept for comparison).
     float32_master  the optimizer updates a float32 copy of each low-precision parameter, kept
                     in its state (`MasterState`), and the parameter is that copy rounded to
@@ -27,7 +28,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.extend.random import threefry2x32_p
 
 LOW_PRECISION = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
@@ -36,9 +39,43 @@ def is_low_precision(x: jax.Array) -> bool:
     return jnp.dtype(x.dtype) in LOW_PRECISION
 
 
-def stochastic_round(x: jax.Array, dtype: jnp.dtype, key: jax.Array) -> jax.Array:
+# One threefry hash per element gives 64 random bits, and a rounding takes 16 of them: a
+# low-precision leaf's three roundings in a step (Adam's mu and nu, then the parameter) each
+# take their own 16-bit lane of the same hash. Their keys are the same (`step_key`), so XLA
+# merges the three identical hashes into one. Why it matters: at 8B the bf16 LM head's update
+# is one element-wise kernel, which took 6 ms of an H200's 57 ms step when it hashed each
+# element three times (its integer work, 20 rounds a hash, is most of that kernel's code).
+MU_LANE, NU_LANE, PARAM_LANE = 0, 1, 2
+
+
+def random_lane(key: jax.Array, shape: tuple[int, ...], lane: int) -> jax.Array:
+    """uint32 array of `shape` holding 16 uniform random bits per element (values in
+    [0, 2**16)): lane `lane` (0-3) of the 64-bit threefry-2x32 hash of each element's index
+    under `key`. Different lanes of one key are independent, and cost one hash together
+    when computed in the same jitted function (`jax.random.bits` would hash once per 32-bit
+    value and could not share it).
+
+    The hash's two counter words are an element's index along the first axis and its flat
+    index in the others: elementwise and global, so any sharding of the array gives the same
+    bits. Raises ValueError when the trailing axes hold 2**32 elements or more."""
+    if not 0 <= lane < 4:
+        raise ValueError(f"lane must be 0-3, got {lane}")
+    trailing = int(np.prod(shape[1:]))
+    if trailing >= 2**32:
+        raise ValueError(f"random_lane: shape {shape} has too many elements past the first axis")
+    first = jax.lax.broadcasted_iota(jnp.uint32, shape, 0) if shape else jnp.uint32(0)
+    rest = jnp.zeros(shape, jnp.uint32)
+    for axis in range(1, len(shape)):  # row-major flat index of the trailing axes
+        rest = rest * jnp.uint32(shape[axis]) + jax.lax.broadcasted_iota(jnp.uint32, shape, axis)
+    k = jax.random.key_data(key)  # uint32 [2]
+    words = threefry2x32_p.bind(k[0], k[1], first, rest)
+    word = words[lane // 2]
+    return word >> 16 if lane % 2 == 0 else word & jnp.uint32(0xFFFF)
+
+
+def stochastic_round(x: jax.Array, dtype: jnp.dtype, key: jax.Array, lane: int = 0) -> jax.Array:
     """float32 `x` rounded to `dtype` (bf16 or fp16), up or down at random so that the
-    expected result is `x`.
+    expected result is `x`, with the random bits of `random_lane(key, x.shape, lane)`.
 
     Uniform random bits are added below the kept mantissa of x's float32 bit pattern and the
     rest is cut off: x rounds away from zero exactly when the bits carry into the kept part,
@@ -52,18 +89,22 @@ def stochastic_round(x: jax.Array, dtype: jnp.dtype, key: jax.Array) -> jax.Arra
     """
     dropped = jnp.finfo(jnp.float32).nmant - jnp.finfo(dtype).nmant  # 16 for bf16, 13 for fp16
     bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
-    noise = jax.random.bits(key, x.shape, jnp.uint32) >> (32 - dropped)  # [0, 2**dropped)
+    noise = random_lane(key, x.shape, lane) >> (16 - dropped)  # [0, 2**dropped)
     kept = (bits + noise) & ~jnp.uint32((1 << dropped) - 1)
     return jax.lax.bitcast_convert_type(kept, jnp.float32).astype(dtype)
 
 
-def apply_updates(params: Any, updates: Any, key: jax.Array, stochastic: bool = True) -> Any:
+def apply_updates(params: Any, updates: Any, key: jax.Array | None, stochastic: bool = True) -> Any:
     """`optax.apply_updates`, except that with `stochastic` each low-precision leaf gets its
-    float32 sum stochastically rounded (a key per leaf, folded from `key`)."""
+    float32 sum stochastically rounded (a key per leaf, folded from `key`, in `PARAM_LANE`;
+    the train step passes `step_key(opt_state)`, so the moments' hash serves here too)."""
     leaves, treedef = jax.tree.flatten(params)
     new = [
         stochastic_round(
-            p.astype(jnp.float32) + u.astype(jnp.float32), p.dtype, jax.random.fold_in(key, i)
+            p.astype(jnp.float32) + u.astype(jnp.float32),
+            p.dtype,
+            jax.random.fold_in(key, i),
+            PARAM_LANE,
         )
         if stochastic and is_low_precision(p)
         else optax.apply_updates(p, u)
@@ -119,14 +160,14 @@ def _is_none(x: Any) -> bool:
     return x is None
 
 
-# The moments' rounding key is `fold_in(key(seed), MOMENTS_STREAM)`; the trainer's step keys are
-# `fold_in(key(seed), step)`, so the constant must stay clear of any step count.
-MOMENTS_STREAM = 0xADA_3011
+# The stochastic roundings' key is `fold_in(key(seed), ROUNDING_STREAM)`; the trainer's step
+# keys are `fold_in(key(seed), step)`, so the constant must stay clear of any step count.
+ROUNDING_STREAM = 0xADA_3011
 
 
 class ScaleByAdamState(NamedTuple):
     """optax's ScaleByAdamState, and the key (uint32 key data, as checkpoints hold it) that the
-    moments' stochastic rounding folds `count` into."""
+    stochastic roundings of the moments and the parameters fold `count` into (`step_key`)."""
 
     count: jax.Array  # int32 []
     mu: Any
@@ -143,8 +184,9 @@ def scale_by_adam(
     seed: int = 0,
 ) -> optax.GradientTransformation:
     """`optax.scale_by_adam`, except that a moment stored in bf16 or fp16 is updated in float32
-    and stochastically rounded back (a key per step, moment and leaf, from the state's key and
-    count: deterministic, saved with the state, the same after a resume).
+    and stochastically rounded back (a key per step and leaf, from the state's key and count:
+    deterministic, saved with the state, the same after a resume; mu and nu take their own
+    lanes of the leaf's hash, `MU_LANE` and `NU_LANE`).
 
     float32 moments and every update are computed exactly as optax computes them from
     float32 inputs; each update is cast to the dtype optax would give it (bf16 for a bf16
@@ -152,7 +194,7 @@ def scale_by_adam(
     mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
 
     def init(params: Any) -> ScaleByAdamState:
-        key = jax.random.fold_in(jax.random.key(seed), MOMENTS_STREAM)
+        key = jax.random.fold_in(jax.random.key(seed), ROUNDING_STREAM)
         return ScaleByAdamState(
             count=jnp.zeros([], jnp.int32),
             mu=optax.tree.zeros_like(params, dtype=mu_dtype),
@@ -180,9 +222,9 @@ def scale_by_adam(
             state.mu,
             state.nu,
         )
-        key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.count)
-        mu = _store(mu, state.mu, jax.random.fold_in(key, 0))
-        nu = _store(nu, state.nu, jax.random.fold_in(key, 1))
+        key = _rounding_key(state)
+        mu = _store(mu, state.mu, key, MU_LANE)
+        nu = _store(nu, state.nu, key, NU_LANE)
         return new, ScaleByAdamState(count, mu, nu, state.key)
 
     return optax.GradientTransformation(init, update)
@@ -206,13 +248,34 @@ def _float32(tree: Any) -> Any:
     return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
 
 
-def _store(moment: Any, old: Any, key: jax.Array) -> Any:
+def _rounding_key(state: ScaleByAdamState) -> jax.Array:
+    return jax.random.fold_in(jax.random.wrap_key_data(state.key), state.count)
+
+
+def step_key(opt_state: Any) -> jax.Array:
+    """The key of a step's stochastic roundings, from the `scale_by_adam` state in
+    `opt_state` (the state before the step's update): the key its moments are rounded with,
+    which `apply_updates` must be given for the parameters' roundings to share their hash."""
+    states = [
+        s
+        for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, ScaleByAdamState))
+        if isinstance(s, ScaleByAdamState)
+    ]
+    if len(states) != 1:
+        raise ValueError(
+            f"stochastic rounding needs one rounding.scale_by_adam state, found {len(states)}: "
+            "build the optimizer with make_optimizer"
+        )
+    return _rounding_key(states[0])
+
+
+def _store(moment: Any, old: Any, key: jax.Array, lane: int) -> Any:
     """The float32 `moment` in `old`'s dtypes: stochastically rounded where low precision (a
-    key per leaf, folded from `key`), cast otherwise."""
+    key per leaf, folded from `key`, in `lane`), cast otherwise."""
     leaves, treedef = jax.tree.flatten(old)
     return treedef.unflatten(
         [
-            stochastic_round(m, o.dtype, jax.random.fold_in(key, i))
+            stochastic_round(m, o.dtype, jax.random.fold_in(key, i), lane)
             if is_low_precision(o)
             else m.astype(o.dtype)
             for i, (m, o) in enumerate(zip(treedef.flatten_up_to(moment), leaves, strict=True))

@@ -23,11 +23,6 @@ from lisendiff_jax.method.model import TRAINABLE_MODULES
 from lisendiff_jax.train import rounding
 from lisendiff_jax.train.rounding import MasterState, apply_updates, float32_master, from_masters
 
-# The stochastic rounding key is `fold_in(rng, ROUNDING_STREAM)`. The loss splits the same `rng`
-# (dropout, diffusion), and with JAX's partitionable threefry `split(rng)[i]` equals
-# `fold_in(rng, i)`, so the constant must stay clear of small indices.
-ROUNDING_STREAM = 0x5EED_0B16
-
 
 def make_optimizer(
     config: ml_collections.ConfigDict, total_steps: int
@@ -111,7 +106,8 @@ def make_train_step(
     state keep theirs, and the metrics are replicated.
 
     `low_precision_update` (the config's `model.low_precision_update`) says how updates land on
-    bf16/fp16 parameters: "stochastic" rounding with a key folded from `rng`, rounding to
+    bf16/fp16 parameters: "stochastic" rounding with the optimizer state's key (the one its
+    bf16 moments are rounded with: `rounding.step_key`), rounding to
     "nearest", or "float32_master", where `tx` must be make_optimizer's float32-master
     optimizer and the parameters are its float32 copies rounded. float32 parameters are
     updated as `optax.apply_updates` does in every case."""
@@ -126,7 +122,7 @@ def make_train_step(
             trainable, frozen, batch, rng
         )
         trainable, opt_state = optimizer_update(
-            tx, grads, opt_state, trainable, rng, low_precision_update
+            tx, grads, opt_state, trainable, low_precision_update
         )
         metrics = dict(metrics, loss=total, grad_norm=optax.global_norm(grads))
         return trainable, opt_state, metrics
@@ -139,20 +135,19 @@ def optimizer_update(
     grads: Any,
     opt_state: Any,
     trainable: Any,
-    rng: jax.Array,
     low_precision_update: str = "stochastic",
 ) -> tuple[Any, Any]:
     """The step's optimizer update, traced inside it: `(trainable, opt_state)` after `tx`
     on `grads`, landed on the low-precision parameters as `low_precision_update` says
-    (`make_train_step`), with the rounding key folded from the step's `rng`."""
-    updates, opt_state = tx.update(grads, opt_state, trainable)
-    if (low_precision_update == "float32_master") != isinstance(opt_state, MasterState):
+    (`make_train_step`), with the rounding key of the optimizer state (`rounding.step_key`)."""
+    updates, new_state = tx.update(grads, opt_state, trainable)
+    if (low_precision_update == "float32_master") != isinstance(new_state, MasterState):
         raise ValueError(
             f"low_precision_update={low_precision_update!r} and the optimizer disagree: "
             "build both from the same config (make_optimizer)"
         )
-    if isinstance(opt_state, MasterState):
-        return from_masters(optax.apply_updates(trainable, updates), opt_state.master), opt_state
-    key = jax.random.fold_in(rng, ROUNDING_STREAM)
-    stochastic = low_precision_update == "stochastic"
-    return apply_updates(trainable, updates, key, stochastic=stochastic), opt_state
+    if isinstance(new_state, MasterState):
+        return from_masters(optax.apply_updates(trainable, updates), new_state.master), new_state
+    if low_precision_update != "stochastic":
+        return apply_updates(trainable, updates, None, stochastic=False), new_state
+    return apply_updates(trainable, updates, rounding.step_key(opt_state)), new_state
