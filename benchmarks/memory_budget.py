@@ -16,25 +16,32 @@ frozen (`model.train_lm_head=False`): arguments (weights, training state, batch)
 part of the outputs written over donated arguments, temporaries (activations and XLA's
 workspace), and peak = arguments + outputs - aliased + temporaries. On a CPU these are
 XLA:CPU's buffer sizes, which approximate a GPU's (other fusions and kernels), not equal them.
+`--target h200` compiles for that GPU instead, on any machine where jax's CUDA plugin is
+installed (`pip install 'jax[cuda13]'`; no GPU needed, see gpu_targets/): XLA:GPU's own
+buffers, with cuDNN's attention as "auto" takes it there. `--remat` compiles each policy given.
 
     python benchmarks/memory_budget.py [--backbone llama|qwen] [--inner-dim 1024 ...]
-        [--low-precision-update stochastic|nearest|float32_master] [--compiled [--batch 1]]
+        [--low-precision-update stochastic|nearest|float32_master]
+        [--compiled [BASE ...] [--batch 1] [--remat POLICY ...] [--target h200]]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from lisendiff_jax.backbone import BackboneConfig
 from lisendiff_jax.backbone.layout import QUANTIZATIONS
-from lisendiff_jax.backbone.model import Decoder
+from lisendiff_jax.backbone.model import REMAT_POLICIES, Decoder
 from lisendiff_jax.backbone.presets import LLAMA_3_1_8B, QWEN2_7B
 from lisendiff_jax.backbone.quantized import quantize_projections
 from lisendiff_jax.config import LOW_PRECISION_UPDATES, paper_config
@@ -118,11 +125,41 @@ def budget(
     }
 
 
+GPU_TARGETS = Path(__file__).resolve().parent / "gpu_targets"
+
+
+def target_mesh(name: str) -> jax.sharding.Mesh:
+    """A one-device mesh of the GPU `name`, described in gpu_targets/NAME.txtpb, that jax
+    compiles for without the GPU being here (it needs jax's CUDA plugin, not a GPU)."""
+    from jax.experimental import topologies
+
+    description = (GPU_TARGETS / f"{name}.txtpb").read_text()
+    try:
+        topology = topologies.get_topology_desc(
+            platform="cuda", target_config=description, topology="1x1x1"
+        )
+    except Exception as e:  # whatever stops jax from compiling for CUDA here
+        raise SystemExit(
+            f"--target {name}: jax cannot compile for a CUDA GPU here ({str(e).splitlines()[0]}); "
+            "install its CUDA plugin (pip install 'jax[cuda13]') and, on a machine without a "
+            "GPU driver, set JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1"
+        ) from None
+    return topologies.make_mesh(topology, (1,), ("data",))
+
+
 def compiled_memory(
-    backbone: str, quantization: str, train_lm_head: bool, batch_size: int = 1
+    backbone: str,
+    quantization: str,
+    train_lm_head: bool,
+    batch_size: int = 1,
+    remat: str = "",
+    target: jax.sharding.Mesh | None = None,
 ) -> dict[str, float]:
     """GiB of XLA's memory analysis of the paper run's jitted train step (see the module's
-    docstring), compiled for abstract inputs; "compile s" is how long compiling took."""
+    docstring), rematerialised as `remat` says (default: as configured), compiled for
+    abstract inputs on this machine's default device or, given a `target` mesh, for its GPU
+    (with cuDNN's attention, which "auto" takes on an NVIDIA GPU); "compile s" is how long
+    compiling took."""
     from bench_train_step import synthetic_batch  # a training batch's arrays (this folder)
 
     inner_dim = paper_config(backbone, "ja").model.cross_attention.inner_dim
@@ -130,11 +167,15 @@ def compiled_memory(
         backbone, inner_dim, quantization=quantization, train_lm_head=train_lm_head
     )
     m = config.model
+    m.remat = remat or m.remat
+    # "auto" would ask a probe run on the GPU, which a target compiled for is not.
+    m.attention = "cudnn" if target is not None else m.attention
     model.backbone.remat, model.backbone.attention = m.remat, m.attention  # as the Trainer
     graphdef, trainable, frozen = split_for_training(model)
     tx = make_optimizer(config, 1)
+    on_target = None if target is None else (NamedSharding(target, PartitionSpec()),) * 5
     step = make_train_step(
-        tx, functools.partial(training_loss, graphdef), low_precision_update=m.low_precision_update
+        tx, functools.partial(training_loss, graphdef), on_target, m.low_precision_update
     )
     vocab = BACKBONES[backbone]["vocab_size"]
     batch = synthetic_batch(batch_size, config.data.max_length, vocab)
@@ -146,7 +187,8 @@ def compiled_memory(
         jax.eval_shape(lambda: jax.random.key(0)),
     )
     start = time.perf_counter()
-    analysis = step.lower(*abstract).compile().memory_analysis()
+    with contextlib.nullcontext() if target is None else jax.set_mesh(target):
+        analysis = step.lower(*abstract).compile().memory_analysis()
     seconds = time.perf_counter() - start
     sizes = {
         "arguments": analysis.argument_size_in_bytes,
@@ -158,23 +200,36 @@ def compiled_memory(
     return {**{k: v / GIB for k, v in sizes.items()}, "peak": peak / GIB, "compile s": seconds}
 
 
-def print_compiled(backbone: str, batch_size: int, quantizations: list[str]) -> None:
+def print_compiled(
+    backbone: str,
+    batch_size: int,
+    quantizations: list[str],
+    remats: list[str],
+    target: str | None = None,
+) -> None:
+    mesh = None if target is None else target_mesh(target)
+    device = jax.devices()[0] if mesh is None else mesh.devices.flat[0]
     print(
         f"{backbone}, paper settings, batch {batch_size} x 512: XLA's memory analysis of the "
-        f"compiled train step on {jax.devices()[0].platform} (GiB)"
+        f"train step compiled for {device.device_kind} ({device.platform}; GiB)"
     )
     names = ("arguments", "outputs", "aliased", "temporaries", "peak")
-    print(f"{'base':>5} {'lm_head':>7} " + " ".join(f"{n:>11}" for n in names) + "  compile")
-    for train_lm_head in (True, False):
-        for quantization in quantizations:
-            r = compiled_memory(backbone, quantization, train_lm_head, batch_size)
-            head = "trained" if train_lm_head else "frozen"
-            print(
-                f"{quantization:>5} {head:>7} "
-                + " ".join(f"{r[n]:11.2f}" for n in names)
-                + f"  {r['compile s']:.0f} s",
-                flush=True,
-            )
+    print(
+        f"{'remat':>9} {'base':>5} {'lm_head':>7} "
+        + " ".join(f"{n:>11}" for n in names)
+        + "  compile"
+    )
+    for remat in remats:
+        for train_lm_head in (True, False):
+            for quantization in quantizations:
+                r = compiled_memory(backbone, quantization, train_lm_head, batch_size, remat, mesh)
+                head = "trained" if train_lm_head else "frozen"
+                print(
+                    f"{remat:>9} {quantization:>5} {head:>7} "
+                    + " ".join(f"{r[n]:11.2f}" for n in names)
+                    + f"  {r['compile s']:.0f} s",
+                    flush=True,
+                )
 
 
 # The trained parts, by a piece of their parameter path; the frozen weights are the rest.
@@ -232,10 +287,26 @@ def main() -> None:
         "none int8 nf4; minutes per compile on a CPU)",
     )
     parser.add_argument("--batch", type=int, default=1, help="rows of 512 tokens (--compiled)")
+    parser.add_argument(
+        "--remat",
+        nargs="+",
+        choices=REMAT_POLICIES,
+        help="rematerialisation policies to compile (--compiled; default: the config's)",
+    )
+    parser.add_argument(
+        "--target",
+        choices=sorted(p.stem for p in GPU_TARGETS.glob("*.txtpb")),
+        help="compile for this GPU (gpu_targets/NAME.txtpb) instead of this machine's default "
+        "device (--compiled; needs jax's CUDA plugin, not the GPU)",
+    )
     args = parser.parse_args()
     if args.compiled is not None:
-        print_compiled(args.backbone, args.batch, args.compiled or ["none", "int8", "nf4"])
+        remats = args.remat or [paper_config(args.backbone, "ja").model.remat]
+        bases = args.compiled or ["none", "int8", "nf4"]
+        print_compiled(args.backbone, args.batch, bases, remats, args.target)
         return
+    if args.remat or args.target:
+        parser.error("--remat and --target go with --compiled")
     update = args.low_precision_update
     mu = paper_config(args.backbone, "ja").optimizer_state_dtype
     print(

@@ -109,7 +109,7 @@ def test_auto_attention_takes_cudnn_only_where_its_probe_runs(monkeypatch):
         backbone_model.attention_kernel("cudnn", jnp.bfloat16, 64)
     # Pretend to be a CUDA device: "auto" follows the probe, which really runs (and on this
     # CPU really fails to run cuDNN, so "auto" falls back instead of failing later).
-    device = types.SimpleNamespace(client=types.SimpleNamespace(platform_version="cuda 12.8"))
+    device = types.SimpleNamespace(platform="gpu", device_kind="NVIDIA H200")
     monkeypatch.setattr(backbone_model.jax, "devices", lambda: [device])
     probe = backbone_model._cudnn_runs
     probe.cache_clear()
@@ -123,6 +123,26 @@ def test_auto_attention_takes_cudnn_only_where_its_probe_runs(monkeypatch):
         assert backbone_model.attention_kernel("auto", jnp.bfloat16, 63) == "einsum"
     finally:
         probe.cache_clear()  # the CPU's answer was cached under the pretended device
+
+
+def test_the_mesh_compiled_for_decides_whether_cudnn_applies(monkeypatch):
+    """Compiling ahead of time for a GPU topology on a machine without it (memory_budget.py
+    --target): the mesh set with jax.set_mesh holds that GPU's devices, and they, not the
+    default device, decide whether "cudnn" applies."""
+    from lisendiff_jax.backbone import model as backbone_model
+
+    with jax.set_mesh(jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])):
+        assert not backbone_model._on_cuda()
+    for kind, cuda in (("NVIDIA H200", True), ("AMD Instinct MI300X", False)):
+        device = types.SimpleNamespace(platform="gpu", device_kind=kind)
+        mesh = types.SimpleNamespace(empty=False, abstract_device=device)
+        monkeypatch.setattr(backbone_model.jax.sharding, "get_abstract_mesh", lambda m=mesh: m)
+        assert backbone_model._on_cuda() is cuda
+        if cuda:
+            assert backbone_model.attention_kernel("cudnn", jnp.bfloat16, 64) == "cudnn"
+        else:
+            with pytest.raises(ValueError, match="NVIDIA GPU"):
+                backbone_model.attention_kernel("cudnn", jnp.bfloat16, 64)
 
 
 def test_auto_attention_trains_odd_lengths_where_cudnn_would_be_taken(monkeypatch, pair):

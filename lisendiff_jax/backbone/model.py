@@ -49,7 +49,12 @@ _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
 def _on_cuda() -> bool:
-    return "cuda" in jax.devices()[0].client.platform_version.lower()
+    """Whether traced computations are for an NVIDIA GPU: the devices of the mesh set with
+    `jax.set_mesh`, if one is (a GPU topology's when compiling ahead of time on a machine
+    without that GPU), else the default device."""
+    mesh = jax.sharding.get_abstract_mesh()  # the concrete mesh cannot be asked inside a trace
+    device = mesh.abstract_device if not mesh.empty and mesh.abstract_device else jax.devices()[0]
+    return device.platform == "gpu" and "nvidia" in device.device_kind.lower()
 
 
 @functools.cache
