@@ -19,10 +19,13 @@ XLA:CPU's buffer sizes, which approximate a GPU's (other fusions and kernels), n
 `--target h200` compiles for that GPU instead, on any machine where jax's CUDA plugin is
 installed (`pip install 'jax[cuda13]'`; no GPU needed, see gpu_targets/): XLA:GPU's own
 buffers, with cuDNN's attention as "auto" takes it there. `--remat` compiles each policy given.
+`--hlo DIR` writes each compiled step's optimised HLO there, one file a row of the table: its
+fusions are the kernels a GPU profile names (`profile_step.py`), with the operations they
+hold, so a kernel the profile shows can be looked up in it.
 
     python benchmarks/memory_budget.py [--backbone llama|qwen] [--inner-dim 1024 ...]
         [--low-precision-update stochastic|nearest|float32_master]
-        [--compiled [BASE ...] [--batch 1] [--remat POLICY ...] [--target h200]]
+        [--compiled [BASE ...] [--batch 1] [--remat POLICY ...] [--target h200] [--hlo DIR]]
 """
 
 from __future__ import annotations
@@ -154,12 +157,13 @@ def compiled_memory(
     batch_size: int = 1,
     remat: str = "",
     target: jax.sharding.Mesh | None = None,
+    hlo: Path | None = None,
 ) -> dict[str, float]:
     """GiB of XLA's memory analysis of the paper run's jitted train step (see the module's
     docstring), rematerialised as `remat` says (default: as configured), compiled for
     abstract inputs on this machine's default device or, given a `target` mesh, for its GPU
     (with cuDNN's attention, which "auto" takes on an NVIDIA GPU); "compile s" is how long
-    compiling took."""
+    compiling took. Given `hlo`, the compiled program's HLO text is written to that file."""
     from bench_train_step import synthetic_batch  # a training batch's arrays (this folder)
 
     inner_dim = paper_config(backbone, "ja").model.cross_attention.inner_dim
@@ -188,8 +192,11 @@ def compiled_memory(
     )
     start = time.perf_counter()
     with contextlib.nullcontext() if target is None else jax.set_mesh(target):
-        analysis = step.lower(*abstract).compile().memory_analysis()
+        compiled = step.lower(*abstract).compile()
     seconds = time.perf_counter() - start
+    if hlo is not None:
+        hlo.write_text(compiled.as_text())
+    analysis = compiled.memory_analysis()
     sizes = {
         "arguments": analysis.argument_size_in_bytes,
         "outputs": analysis.output_size_in_bytes,
@@ -206,6 +213,7 @@ def print_compiled(
     quantizations: list[str],
     remats: list[str],
     target: str | None = None,
+    hlo_dir: Path | None = None,
 ) -> None:
     mesh = None if target is None else target_mesh(target)
     device = jax.devices()[0] if mesh is None else mesh.devices.flat[0]
@@ -222,8 +230,13 @@ def print_compiled(
     for remat in remats:
         for train_lm_head in (True, False):
             for quantization in quantizations:
-                r = compiled_memory(backbone, quantization, train_lm_head, batch_size, remat, mesh)
                 head = "trained" if train_lm_head else "frozen"
+                hlo = None
+                if hlo_dir is not None:
+                    hlo = hlo_dir / f"{backbone}_{remat}_{quantization}_head_{head}.hlo.txt"
+                r = compiled_memory(
+                    backbone, quantization, train_lm_head, batch_size, remat, mesh, hlo
+                )
                 print(
                     f"{remat:>9} {quantization:>5} {head:>7} "
                     + " ".join(f"{r[n]:11.2f}" for n in names)
@@ -299,14 +312,22 @@ def main() -> None:
         help="compile for this GPU (gpu_targets/NAME.txtpb) instead of this machine's default "
         "device (--compiled; needs jax's CUDA plugin, not the GPU)",
     )
+    parser.add_argument(
+        "--hlo",
+        type=Path,
+        metavar="DIR",
+        help="write each compiled step's optimised HLO text into DIR (--compiled)",
+    )
     args = parser.parse_args()
     if args.compiled is not None:
+        if args.hlo is not None and not args.hlo.is_dir():
+            parser.error(f"--hlo {args.hlo}: not a directory")
         remats = args.remat or [paper_config(args.backbone, "ja").model.remat]
         bases = args.compiled or ["none", "int8", "nf4"]
-        print_compiled(args.backbone, args.batch, bases, remats, args.target)
+        print_compiled(args.backbone, args.batch, bases, remats, args.target, args.hlo)
         return
-    if args.remat or args.target:
-        parser.error("--remat and --target go with --compiled")
+    if args.remat or args.target or args.hlo:
+        parser.error("--remat, --target and --hlo go with --compiled")
     update = args.low_precision_update
     mu = paper_config(args.backbone, "ja").optimizer_state_dtype
     print(
