@@ -21,8 +21,8 @@ Two knobs steer a chain through its predictions, never its coefficients (`steere
 - classifier-free guidance g on the context (Ho & Salimans, 2022) mixes each style's
   prediction from the context summary x with its prediction from a learned null summary,
   y0 = y0(null) + g (y0(x) - y0(null)); g = 1 is no guidance.
-Both are `lerp`s, exact at w (or g) = 0 and 1, so those ends sample bit for bit what the plain
-styles (or no guidance) do.
+Both are `lerp`s, exact at w (or g) = 0 and 1: at those ends the mixed prediction is the
+plain style's (or the unguided one) bit for bit, from the batched call that computes both.
 
 The last step of every plan maps to alpha_bar = 1 (coef_y0 = 1, coef_yt = sigma = 0), so the
 chain's result is the denoiser's final prediction. Chains run in the standardised space the
