@@ -60,6 +60,20 @@ def test_different_seeds_give_different_replies(listener):
     assert len({r.latent.tobytes() for r in replies}) == 4
 
 
+def test_sampling_settings_are_values_of_one_compiled_program(listener):
+    """max_tokens (within a block), temperature and top_p do not each cost a compile, as a
+    server's clients each send their own; they still act."""
+    request = [Request(TARGET.context, seed=5)]
+    listener.reply(request, HOT)
+    compiled = inference._respond._cache_size()
+    greedy = listener.reply(request, Options(temperature=0.0, max_tokens=8))[0]
+    narrowest = listener.reply(request, Options(temperature=1.0, top_p=1e-6, max_tokens=8))[0]
+    short = listener.reply(request, Options(temperature=0.0, max_tokens=3))[0]
+    assert inference._respond._cache_size() == compiled
+    assert greedy.text == narrowest.text  # top_p near 0 keeps the likeliest token only
+    assert greedy.text.startswith(short.text) and len(short.text) < len(greedy.text)
+
+
 def test_max_tokens_past_the_context_is_refused_in_the_requests_terms(listener, monkeypatch):
     context = listener.max_positions
     with pytest.raises(InputError) as refused:

@@ -21,9 +21,32 @@ from typing import NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from lisendiff_jax.backbone.model import Decoder, KVCache
+
+# The token buffers and KV cache hold max_new_tokens rounded up to a multiple of this, and
+# max_new_tokens, temperature and top_p enter the compiled loop as values, not constants: a
+# server whose clients each send their own settings then compiles once per batch and prompt
+# shape, not once per setting (each compile takes seconds; minutes for a large model).
+TOKEN_BLOCK = 64
+
+
+class SamplingLayout(NamedTuple):
+    """What the compiled decoding loop's shapes and constants depend on (a static argument)."""
+
+    capacity: int  # token slots: max_new_tokens rounded up to a multiple of TOKEN_BLOCK
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int
+
+
+class SamplingValues(NamedTuple):
+    """The settings the compiled loop reads as values, shared by every row of the batch."""
+
+    max_new_tokens: jax.Array  # [] int32, at most the layout's capacity
+    temperature: jax.Array  # [] float32; 0 is greedy
+    top_p: jax.Array  # [] float32 in (0, 1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,28 +67,50 @@ class SamplingParams:
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
+    def split(self) -> tuple[SamplingLayout, SamplingValues]:
+        """The static layout and the traced values `decode` takes."""
+        capacity = -(-self.max_new_tokens // TOKEN_BLOCK) * TOKEN_BLOCK
+        values = SamplingValues(
+            np.int32(self.max_new_tokens), np.float32(self.temperature), np.float32(self.top_p)
+        )
+        return SamplingLayout(capacity, tuple(self.eos_token_ids), self.pad_token_id), values
+
 
 class Generation(NamedTuple):
-    tokens: jax.Array  # [batch, max_new_tokens] int32, pad_token_id after each row's EOS
+    # [batch, capacity] int32 from `decode` (`generate` cuts it to max_new_tokens), with
+    # pad_token_id after each row's EOS and past max_new_tokens
+    tokens: jax.Array
     lengths: jax.Array  # [batch] int32, tokens produced per row (its EOS included)
 
 
-def sample_next(logits: jax.Array, keys: jax.Array, params: SamplingParams) -> jax.Array:
+def _top_p_filter(logits: jax.Array, top_p: jax.Array) -> jax.Array:
+    """-inf outside the smallest set of tokens whose probability reaches top_p (the first
+    always kept)."""
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    kept = jnp.where(mass_before < top_p, sorted_logits, jnp.inf)
+    cutoff = jnp.min(kept, axis=-1, keepdims=True)
+    return jnp.where(logits < cutoff, -jnp.inf, logits)
+
+
+def sample_next(logits: jax.Array, keys: jax.Array, values: SamplingValues) -> jax.Array:
     """Next token ids [batch] from float32 logits [batch, vocab]: greedy, or top-p sampling
     with row i drawn from keys[i] ([batch] keys) alone."""
-    if params.temperature == 0.0:
+
+    # Conditionals, not selects: the batch shares its settings, so only the branch taken runs
+    # (top_p 1 sorts nothing, greedy draws nothing).
+    def drawn(logits: jax.Array) -> jax.Array:
+        logits = logits / values.temperature
+        logits = jax.lax.cond(
+            values.top_p < 1.0, _top_p_filter, lambda x, _: x, logits, values.top_p
+        )
+        return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+
+    def greedy(logits: jax.Array) -> jax.Array:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / params.temperature
-    if params.top_p < 1.0:
-        # Keep the smallest set of tokens whose probability reaches top_p (the first always).
-        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        kept = jnp.where(mass_before < params.top_p, sorted_logits, jnp.inf)
-        cutoff = jnp.min(kept, axis=-1, keepdims=True)
-        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    draw = jax.vmap(lambda key, row: jax.random.categorical(key, row))
-    return draw(keys, logits).astype(jnp.int32)
+
+    return jax.lax.cond(values.temperature == 0.0, greedy, drawn, logits)
 
 
 # (tokens [batch] int32, live [batch] bool: the rows that drew theirs this step, i.e. were not
@@ -76,7 +121,7 @@ TokenHook = Callable[[jax.Array, jax.Array], jax.Array]
 
 class _LoopState(NamedTuple):
     step: jax.Array  # [] int32: tokens written so far
-    tokens: jax.Array  # [batch, max_new_tokens]
+    tokens: jax.Array  # [batch, capacity]
     last: jax.Array  # [batch]: the token to feed next
     done: jax.Array  # [batch] bool
     cache: KVCache
@@ -87,7 +132,8 @@ def decode(
     input_ids: jax.Array,  # [batch, prompt] int32, left-padded
     attention_mask: jax.Array,  # [batch, prompt], 0 on padding
     keys: jax.Array,  # [batch] PRNG keys, one per row
-    params: SamplingParams,
+    layout: SamplingLayout,
+    values: SamplingValues,
     forward_kwargs: dict | None = None,
     on_tokens: TokenHook | None = None,
 ) -> Generation:
@@ -102,13 +148,14 @@ def decode(
     chex.assert_shape(keys, (input_ids.shape[0],))
     forward_kwargs = forward_kwargs or {}
     batch, prompt_len = input_ids.shape
-    eos = jnp.asarray(params.eos_token_ids or (-1,), jnp.int32)
+    eos = jnp.asarray(layout.eos_token_ids or (-1,), jnp.int32)
+    pad = layout.pad_token_id
     step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))  # (keys, step) -> [batch]
 
-    cache = model.init_cache(batch, prompt_len + params.max_new_tokens)
+    cache = model.init_cache(batch, prompt_len + layout.capacity)
     logits, cache = model.forward(input_ids, attention_mask, cache=cache, **forward_kwargs)
-    first = sample_next(logits[:, -1], step_keys(keys, 0), params)
-    tokens = jnp.full((batch, params.max_new_tokens), params.pad_token_id, jnp.int32)
+    first = sample_next(logits[:, -1], step_keys(keys, 0), values)
+    tokens = jnp.full((batch, layout.capacity), pad, jnp.int32)
     done = jnp.isin(first, eos)
     if on_tokens is not None:
         done = done | on_tokens(first, jnp.ones((batch,), bool))
@@ -121,13 +168,13 @@ def decode(
     )
 
     def keep_going(s: _LoopState) -> jax.Array:
-        return (s.step < params.max_new_tokens) & ~jnp.all(s.done)
+        return (s.step < values.max_new_tokens) & ~jnp.all(s.done)
 
     def step(s: _LoopState) -> _LoopState:
         ones = jnp.ones((batch, 1), jnp.int32)
         logits, cache = model.forward(s.last[:, None], ones, cache=s.cache, **forward_kwargs)
-        drawn = sample_next(logits[:, -1], step_keys(keys, s.step), params)
-        nxt = jnp.where(s.done, params.pad_token_id, drawn)
+        drawn = sample_next(logits[:, -1], step_keys(keys, s.step), values)
+        nxt = jnp.where(s.done, pad, drawn)
         done = s.done | jnp.isin(nxt, eos)
         if on_tokens is not None:
             done = done | on_tokens(nxt, ~s.done)
@@ -140,16 +187,16 @@ def decode(
         )
 
     final = jax.lax.while_loop(keep_going, step, state)
-    produced = jnp.arange(params.max_new_tokens)[None, :] < final.step
+    produced = jnp.arange(layout.capacity)[None, :] < final.step
     is_eos = jnp.isin(final.tokens, eos) & produced
     # A row's length runs to its first EOS (inclusive), or to the last step taken.
     first_eos = jnp.where(jnp.any(is_eos, axis=1), jnp.argmax(is_eos, axis=1) + 1, final.step)
     return Generation(tokens=final.tokens, lengths=first_eos.astype(jnp.int32))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "params"))
-def _decode_jit(graphdef, state, input_ids, attention_mask, keys, params):
-    return decode(nnx.merge(graphdef, state), input_ids, attention_mask, keys, params)
+@functools.partial(jax.jit, static_argnames=("graphdef", "layout"))
+def _decode_jit(graphdef, state, input_ids, attention_mask, keys, layout, values):
+    return decode(nnx.merge(graphdef, state), input_ids, attention_mask, keys, layout, values)
 
 
 def generate(
@@ -164,7 +211,7 @@ def generate(
 
     `rng` is one key per row ([batch]), or one key for all, from which row i gets
     fold_in(rng, i); default key(0). EOS ids default to the checkpoint's. Compiled once per
-    (shapes, params).
+    (shapes, EOS and pad ids, max_new_tokens rounded up to a multiple of TOKEN_BLOCK).
     """
     params = params or SamplingParams(eos_token_ids=model.config.eos_token_ids)
     input_ids = jnp.asarray(input_ids, jnp.int32)
@@ -176,6 +223,7 @@ def generate(
     if rng.ndim == 0:
         rng = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, jnp.arange(len(input_ids)))
     graphdef, state = nnx.split(model)
-    return _decode_jit(
-        graphdef, state, input_ids, jnp.asarray(attention_mask, jnp.int32), rng, params
+    out = _decode_jit(
+        graphdef, state, input_ids, jnp.asarray(attention_mask, jnp.int32), rng, *params.split()
     )
+    return out._replace(tokens=out.tokens[:, : params.max_new_tokens])

@@ -276,8 +276,8 @@ def _sink_hook(sink_id: jax.Array):
     return hook
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "params", "trace_steps"))
-def _respond(graphdef, state, plan, batch, params, trace_steps):
+@functools.partial(jax.jit, static_argnames=("graphdef", "layout", "trace_steps"))
+def _respond(graphdef, state, plan, batch, layout, values, trace_steps):
     model = nnx.merge(graphdef, state)
     ids, mask = batch["input_ids"], batch["attention_mask"]  # [B, P]
     on_tokens = _sink_hook(batch["sink"]) if "sink" in batch else None  # the reply's only
@@ -285,7 +285,8 @@ def _respond(graphdef, state, plan, batch, params, trace_steps):
     keys = jax.vmap(request_key)(batch["seed"], batch["position"])  # [B]
     latent_keys, decode_keys = jax.vmap(jax.random.split, out_axes=1)(keys)  # [B] each
     if not model.lisendiff:
-        return {"reply": decode(model.backbone, ids, mask, decode_keys, params, None, on_tokens)}
+        reply = decode(model.backbone, ids, mask, decode_keys, layout, values, None, on_tokens)
+        return {"reply": reply}
     if "latents" in batch:  # given by the caller: nothing to sample, no trace
         latents = batch["latents"]
     else:
@@ -302,7 +303,14 @@ def _respond(graphdef, state, plan, batch, params, trace_steps):
     out = {
         "latents": latents,
         "reply": decode(
-            model.backbone, ids, mask, decode_keys, params, {"latents": latents}, on_tokens
+            model.backbone,
+            ids,
+            mask,
+            decode_keys,
+            layout,
+            values,
+            {"latents": latents},
+            on_tokens,
         ),
     }
     if trace_steps:
@@ -315,14 +323,17 @@ def _respond(graphdef, state, plan, batch, params, trace_steps):
             ids[rows],
             mask[rows],
             decode_keys[rows],  # a trace row draws its tokens as its request's reply does
-            params,
+            layout,
+            values,
             {"latents": latents_k},
         )
     return out
 
 
 class Listener:
-    """Answers requests with one model; compiles once per (batch, prompt length, options)."""
+    """Answers requests with one model; compiles once per batch size, prompt length, sampler
+    plan and trace length (max_tokens, temperature and top_p are values of the compiled loop,
+    max_tokens within a block of `generate.TOKEN_BLOCK`)."""
 
     def __init__(
         self,
@@ -498,7 +509,7 @@ class Listener:
                 _SINKS[sink_id] = functools.partial(sink, start)
                 batch["sink"] = np.uint32(sink_id)
             try:
-                out = _respond(self.graphdef, self.state, plan, batch, params, trace_steps)
+                out = _respond(self.graphdef, self.state, plan, batch, *params.split(), trace_steps)
                 texts = self._texts(out["reply"])  # waits for the decoding, hence the sink
             finally:
                 if sink is not None:
