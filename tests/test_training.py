@@ -471,7 +471,11 @@ def _train_cmd(workdir: Path, *overrides: str) -> list[str]:
 
 
 def test_train_py_default_runs_end_to_end_then_ctrl_c_saves(tmp_path):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # As on a laptop: one CPU device, not the suite's 8 (the sharded path is tested above, and
+    # train.py on a mesh by test_sharding); 8 virtual devices on a few cores also make each
+    # step several times slower.
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", XLA_FLAGS=" ".join(flags))
     run = subprocess.run(
         _train_cmd(tmp_path / "w", "--config.num_steps=6", "--config.checkpoint_every=3"),
         capture_output=True,
