@@ -33,6 +33,7 @@ from lisendiff_jax.method.model import (
     training_loss,
 )
 from lisendiff_jax.method.objectives import token_nll
+from lisendiff_jax.sharding import MeshPlan
 from lisendiff_jax.train import loop
 from lisendiff_jax.train.loop import MetricsLog, Trainer, TrainingError, _check_workdir_config
 from lisendiff_jax.train.step import make_optimizer, make_train_step
@@ -328,11 +329,17 @@ def loop_config(tmp_path: Path, num_steps: int, checkpoint_every: int):
     )
     c.data.max_length = 96
     c.batch_size = 2
-    # Rows split over 2 of the 8 test devices, the model also over the other factor of 4.
-    c.mesh.fsdp, c.mesh.tensor = 2, -1
     c.num_steps, c.checkpoint_every, c.log_every = num_steps, checkpoint_every, 1
     c.learning_rate, c.warmup_steps = 3e-3, 0
     return c
+
+
+def loop_trainer(config, workdir: Path) -> Trainer:
+    """A Trainer on 4 of the 8 test devices, rows and weights split 2 ways (fsdp) and weights
+    2 ways more (tensor): the sharded path, at about half the cost of a step on all 8 virtual
+    devices of a few cores."""
+    mesh = MeshPlan.create((1, 2, 2), devices=jax.devices()[:4])
+    return Trainer(config, workdir, progress=False, mesh=mesh)
 
 
 def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
@@ -377,7 +384,7 @@ def flat_params(trainer: Trainer) -> dict:
 
 def test_loss_falls_when_overfitting(tmp_path):
     c = loop_config(tmp_path, num_steps=40, checkpoint_every=1000)
-    trainer = Trainer(c, tmp_path / "run", progress=False)
+    trainer = loop_trainer(c, tmp_path / "run")
     trainer.run()
     records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     scalars = tensorboard_scalars(tmp_path / "run" / "tensorboard")
@@ -399,12 +406,12 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path):
         assert c.model.low_precision_update == "stochastic"
         return c
 
-    straight = Trainer(config(1000), tmp_path / "straight", progress=False)
+    straight = loop_trainer(config(1000), tmp_path / "straight")
     straight.run()
-    killed = Trainer(config(3), tmp_path / "killed", progress=False)
+    killed = loop_trainer(config(3), tmp_path / "killed")
     killed.run(until=5)  # checkpoints at 3; steps 4-5 are lost as in a kill
     killed.checkpointer.wait()
-    resumed = Trainer(config(3), tmp_path / "killed", progress=False)
+    resumed = loop_trainer(config(3), tmp_path / "killed")
     assert resumed.step == 3
     resumed.run()
     a, b = flat_params(straight), flat_params(resumed)
@@ -428,7 +435,7 @@ def test_a_float32_master_is_sharded_saved_and_restored_with_the_optimizer(tmp_p
     def master(trainer):
         return trainer.opt_state.master["backbone"]["lm_head"]["kernel"][...]
 
-    first = Trainer(config(), tmp_path / "run", progress=False)
+    first = loop_trainer(config(), tmp_path / "run")
     head = first.trainable["backbone"]["lm_head"]["kernel"][...]
     assert head.dtype == jnp.bfloat16 and master(first).dtype == jnp.float32
     assert master(first).sharding.is_equivalent_to(head.sharding, 2)
@@ -436,7 +443,7 @@ def test_a_float32_master_is_sharded_saved_and_restored_with_the_optimizer(tmp_p
     first.checkpointer.wait()
     saved = np.asarray(master(first))
     first.close()
-    resumed = Trainer(config(), tmp_path / "run", progress=False)
+    resumed = loop_trainer(config(), tmp_path / "run")
     assert resumed.step == 2
     np.testing.assert_array_equal(np.asarray(master(resumed)), saved)
     resumed.run()
@@ -446,7 +453,7 @@ def test_a_float32_master_is_sharded_saved_and_restored_with_the_optimizer(tmp_p
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    trainer = Trainer(loop_config(tmp_path, 6, 2), tmp_path / "run", progress=False)
+    trainer = loop_trainer(loop_config(tmp_path, 6, 2), tmp_path / "run")
     trainer.run(until=2)
     trainer.checkpointer.wait()
     poisoned = np.array(trainer.split.vectors)
@@ -459,11 +466,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 def test_changed_model_settings_refuse_an_existing_workdir(tmp_path):
-    Trainer(loop_config(tmp_path, 1, 1000), tmp_path / "run", progress=False).close()
+    loop_trainer(loop_config(tmp_path, 1, 1000), tmp_path / "run").close()
     c = loop_config(tmp_path, 1, 1000)
     c.model.lora.rank = 4
     with pytest.raises(ValueError, match=r"--config\.model\.lora\.rank \(16 there, 4 now\)"):
-        Trainer(c, tmp_path / "run", progress=False)
+        loop_trainer(c, tmp_path / "run")
 
 
 def _train_cmd(workdir: Path, *overrides: str) -> list[str]:
