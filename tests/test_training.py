@@ -627,7 +627,7 @@ def trainer_encodings(monkeypatch, config, workdir) -> dict[str, str]:
 
     monkeypatch.setattr(loop, "encode_examples", encode_examples)
     with pytest.raises(_Stop):
-        Trainer(config, workdir, progress=False)
+        loop_trainer(config, workdir)
     return seen
 
 
@@ -660,7 +660,7 @@ def test_a_language_without_a_prompt_stops_before_encoding_or_weights(tmp_path, 
         monkeypatch.setattr(loop, name, never)
     config = prompt_config(tmp_path, "example", langs=("en", "fr"))
     with pytest.raises(ConfigError) as error:
-        Trainer(config, tmp_path / "w", progress=False)
+        loop_trainer(config, tmp_path / "w")
     assert str(error.value) == (
         "--config.data.sources.mine: language 'fr' (French) has no system prompt (have en, ja, "
         "yue, zh); give one in a JSON file of language -> prompt with "
@@ -677,7 +677,7 @@ def test_a_max_length_shorter_than_the_system_prompt_names_the_option(tmp_path, 
     config = prompt_config(tmp_path, "example", langs=("en",))
     config.data.max_length = 16  # the English system prompt alone is longer
     with pytest.raises(ConfigError, match=r"^--config\.data\.max_length: max_length=16 leaves no"):
-        Trainer(config, tmp_path / "w", progress=False)
+        loop_trainer(config, tmp_path / "w")
 
 
 def test_a_target_prompt_longer_than_max_length_stops_training_before_it_starts(
@@ -696,7 +696,7 @@ def test_a_target_prompt_longer_than_max_length_stops_training_before_it_starts(
     config.data.prompts, config.data.target_lang = str(prompts), "ko"
     config.data.max_length = 64
     with pytest.raises(ConfigError, match=r"^--config\.data\.max_length: max_length=64 leaves no"):
-        Trainer(config, tmp_path / "w", progress=False)
+        loop_trainer(config, tmp_path / "w")
 
 
 def test_a_workdir_from_before_train_prompt_resumes_only_with_target(tmp_path):
