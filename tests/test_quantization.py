@@ -8,13 +8,13 @@ import json
 import shutil
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 from test_gguf import write_gguf
+from test_sharding import plan
 from tiny_checkpoints import make_checkpoint
 from tiny_workdir import write_dialogues
 
@@ -31,7 +31,6 @@ from lisendiff_jax.export import export, load_exported
 from lisendiff_jax.infer.inference import Listener, Options, Request
 from lisendiff_jax.infer.restore import load_workdir
 from lisendiff_jax.method.lora import LoRALinear
-from lisendiff_jax.sharding import MeshPlan
 from lisendiff_jax.train.loop import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,10 +128,6 @@ def _config(data: Path):
     return c
 
 
-def _plan(shape) -> MeshPlan:
-    return MeshPlan.create(shape, devices=jax.devices()[: int(np.prod(shape))])
-
-
 def _quantized(trainer: Trainer) -> dict:
     state = nnx.state(nnx.merge(trainer.graphdef, trainer.trainable, *trainer.frozen))
     return {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(state, QuantizedWeight))}
@@ -152,7 +147,7 @@ def run(tmp_path_factory):
     trainer's numbers before and after, and its compiled step."""
     root = tmp_path_factory.mktemp("quantized_run")
     data = write_dialogues(root / "d.jsonl")
-    trainer = Trainer(_config(data), root / "run", progress=False, mesh=_plan((1, 1, 1)))
+    trainer = Trainer(_config(data), root / "run", progress=False, mesh=plan((1, 1, 1)))
     before = (_trainable(trainer), _quantized(trainer))
     params = nnx.state(nnx.merge(trainer.graphdef, trainer.trainable, *trainer.frozen), nnx.Param)
     trainer.run()
@@ -191,7 +186,7 @@ def test_resume_after_a_kill_is_exact_on_a_quantized_base(run, tmp_path):
     shutil.copytree(run["workdir"], tmp_path / "killed")
     shutil.rmtree(tmp_path / "killed" / "2")
     resumed = Trainer(
-        _config(run["data"]), tmp_path / "killed", progress=False, mesh=_plan((1, 1, 1))
+        _config(run["data"]), tmp_path / "killed", progress=False, mesh=plan((1, 1, 1))
     )
     assert resumed.step == 1
     # The backbone is quantized again as it loads (nothing quantized was saved): the same
@@ -209,7 +204,7 @@ def test_resume_after_a_kill_is_exact_on_a_quantized_base(run, tmp_path):
 
 
 def test_a_quantized_base_on_a_2x4_mesh_equals_one_device(run, tmp_path):
-    trainer = Trainer(_config(run["data"]), tmp_path / "run", progress=False, mesh=_plan((2, 4, 1)))
+    trainer = Trainer(_config(run["data"]), tmp_path / "run", progress=False, mesh=plan((2, 4, 1)))
     # Quantized where the shards are: the very same qvalues and scales as on one device.
     quantized = _quantized(trainer)
     for path, expected in run["before"][1].items():

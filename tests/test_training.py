@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from absl import flags
 from flax import nnx
+from test_sharding import plan
 from tiny_checkpoints import make_checkpoint
 from tiny_workdir import write_dialogues
 
@@ -33,7 +34,6 @@ from lisendiff_jax.method.model import (
     training_loss,
 )
 from lisendiff_jax.method.objectives import token_nll
-from lisendiff_jax.sharding import MeshPlan
 from lisendiff_jax.train import loop
 from lisendiff_jax.train.loop import MetricsLog, Trainer, TrainingError, _check_workdir_config
 from lisendiff_jax.train.step import make_optimizer, make_train_step
@@ -338,8 +338,7 @@ def loop_trainer(config, workdir: Path) -> Trainer:
     """A Trainer on 4 of the 8 test devices, rows and weights split 2 ways (fsdp) and weights
     2 ways more (tensor): the sharded path, at about half the cost of a step on all 8 virtual
     devices of a few cores."""
-    mesh = MeshPlan.create((1, 2, 2), devices=jax.devices()[:4])
-    return Trainer(config, workdir, progress=False, mesh=mesh)
+    return Trainer(config, workdir, progress=False, mesh=plan((1, 2, 2)))
 
 
 def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
