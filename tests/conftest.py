@@ -1,6 +1,13 @@
 """Test-wide settings: tests never reach a model hub and run JAX on the CPU, which shows
 8 virtual devices, so that every training run in the suite goes through the sharded path
-(a config's default mesh spreads over all devices) and test_sharding can build meshes."""
+(a config's default mesh spreads over all devices) and test_sharding can build meshes.
+
+The CPU backend compiles without LLVM's optimisations (`--xla_backend_optimization_level=0`,
+unless XLA_FLAGS already sets a level): compiling is half of the suite's time, and a test runs
+a program a few times where a user runs it thousands. Only the machine code differs: the
+optimised HLO of the tiny train step is the same at both levels, and the suite passes at both.
+On the 2-core EPYC that step compiles in 5.9 s instead of 10.1 and runs in 260 ms instead of
+125; the whole suite took 17:10 instead of 19:47."""
 
 import os
 from pathlib import Path
@@ -12,10 +19,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Read when JAX first starts its CPU backend, which nothing has done yet at this point.
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    ).strip()
+for flag, value in (
+    ("xla_force_host_platform_device_count", "8"),
+    ("xla_backend_optimization_level", "0"),
+):
+    if flag not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --{flag}={value}".strip()
 
 from tiny_workdir import make_tiny_workdir  # noqa: E402 (after the environment is set)
 

@@ -342,10 +342,12 @@ def test_two_processes_train_as_one(data, reference, tmp_path):
     workdir = tmp_path / "run"
     port = free_port()
     procs = []
+    # The suite's other XLA flags (conftest.py) hold in the two processes too.
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
     for pid in range(2):
         env = dict(
             os.environ,
-            XLA_FLAGS="--xla_force_host_platform_device_count=4",
+            XLA_FLAGS=" ".join([*flags, "--xla_force_host_platform_device_count=4"]),
             JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
             JAX_NUM_PROCESSES="2",
             JAX_PROCESS_ID=str(pid),
