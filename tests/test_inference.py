@@ -74,6 +74,29 @@ def test_sampling_settings_are_values_of_one_compiled_program(listener):
     assert greedy.text.startswith(short.text) and len(short.text) < len(greedy.text)
 
 
+def test_prompt_widths_double_up_to_the_budget():
+    widths = [inference.prompt_width(n, 2048) for n in range(1, 2049)]
+    assert sorted(set(widths)) == [32, 64, 128, 256, 512, 1024, 2048]
+    assert all(w >= n for n, w in enumerate(widths, 1))
+    # A budget that is no power of two caps the widths at itself, rounded up to 32.
+    assert [inference.prompt_width(n, 200) for n in (1, 33, 65, 129, 200)] == [32, 64, 128] + [
+        224
+    ] * 2
+
+
+def test_prompts_of_one_width_share_a_compiled_program(listener):
+    """Prompts of 129-160 and 225-256 tokens (two shapes when widths were multiples of 32)
+    are padded to one width: the second costs no compile."""
+    turns = [tuple(f"This is turn {i} of a long story." for i in range(n)) for n in range(1, 12)]
+    by_length = {len(listener._encode(Request(t), 8).input_ids): t for t in turns}
+    middle = next(t for n, t in by_length.items() if 128 < n <= 160)
+    upper = next(t for n, t in by_length.items() if 224 < n <= 256)
+    listener.reply([Request(middle, seed=1)], HOT)
+    compiled = inference._respond._cache_size()
+    listener.reply([Request(upper, seed=1)], HOT)
+    assert inference._respond._cache_size() == compiled
+
+
 def test_max_tokens_past_the_context_is_refused_in_the_requests_terms(listener, monkeypatch):
     context = listener.max_positions
     with pytest.raises(InputError) as refused:

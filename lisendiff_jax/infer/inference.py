@@ -6,7 +6,7 @@ need a model trained with context dropout) and a target language. A batch of req
 1. prompts: each chat rendered with the language's system prompt (the run's: built in, or
    from the prompts file it trained with) and the generation prompt (`encode_chat`), cut
    from the oldest turn to the prompt budget (with a warning), left-padded to a shared
-   length rounded up to a multiple of `PAD_MULTIPLE`, so few shapes compile;
+   width (`prompt_width`: a power of two, at least `PAD_MULTIPLE`), so few shapes compile;
 2. context embeddings: the newest `data.max_context` turns through the run's S-Encoder, laid
    out as in training (oldest first, padded at the end) - LisenDiff models only;
 3. one jitted call: both styles' summaries, the sampler chain mixing both styles' predictions
@@ -63,6 +63,21 @@ from lisendiff_jax.method.sampler import Plan, SamplerName, make_plan, sample, s
 from lisendiff_jax.sharding import MeshPlan
 
 PAD_MULTIPLE = 32
+
+
+def prompt_width(longest: int, budget: int) -> int:
+    """The padded width of a batch whose longest prompt has `longest` tokens, when no prompt
+    has more than `budget`: the next power of two, at least `PAD_MULTIPLE`, at most `budget`
+    rounded up to a multiple of it.
+
+    Why powers of two, not multiples of 32: every width is a program to compile for each batch
+    size (seconds on a CPU for the tiny model, more for an 8B one), and a server meets prompts
+    of every length; doubling widths give log2(budget / 32) + 1 of them (7 for 2048 tokens)
+    rather than budget / 32 (64), for at most twice the prompt's tokens in the prefill."""
+    cap = -(-budget // PAD_MULTIPLE) * PAD_MULTIPLE
+    return min(max(PAD_MULTIPLE, 1 << (longest - 1).bit_length()), cap)
+
+
 REPLACEMENT = "\ufffd"
 MAX_MISSING_BYTES = 3  # a UTF-8 character cut short lacks at most 3 of its (up to) 4 bytes
 
@@ -331,7 +346,7 @@ def _respond(graphdef, state, plan, batch, layout, values, trace_steps):
 
 
 class Listener:
-    """Answers requests with one model; compiles once per batch size, prompt length, sampler
+    """Answers requests with one model; compiles once per batch size, prompt width, sampler
     plan and trace length (max_tokens, temperature and top_p are values of the compiled loop,
     max_tokens within a block of `generate.TOKEN_BLOCK`)."""
 
@@ -418,7 +433,7 @@ class Listener:
 
     def _pad(self, prompts: Sequence[Encoded]) -> dict:
         rows = [p.input_ids for p in prompts]
-        width = -(-max(len(r) for r in rows) // PAD_MULTIPLE) * PAD_MULTIPLE
+        width = prompt_width(max(len(r) for r in rows), self.prompt_budget)
         ids = np.full((len(rows), width), self.pad_id, np.int32)
         mask = np.zeros((len(rows), width), np.int32)
         for i, row in enumerate(rows):  # left padding: every row's next token shares a slot
