@@ -53,6 +53,15 @@ def plan(shape) -> MeshPlan:
     return MeshPlan.create(shape, devices=jax.devices()[: int(np.prod(shape))])
 
 
+def subprocess_xla_flags(devices: int = 1) -> str:
+    """XLA_FLAGS for a train.py process the test starts: the suite's (conftest.py), with
+    `devices` CPU devices instead of its 8."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    if devices > 1:
+        flags.append(f"--xla_force_host_platform_device_count={devices}")
+    return " ".join(flags)
+
+
 def run_config(data: Path, num_steps: int = 3, checkpoint_every: int = 1000):
     """The embedded default on four dialogues (8 examples, one batch of 8), dropout on."""
     c = load_config(ROOT / "configs" / "tiny.py")
@@ -342,12 +351,10 @@ def test_two_processes_train_as_one(data, reference, tmp_path):
     workdir = tmp_path / "run"
     port = free_port()
     procs = []
-    # The suite's other XLA flags (conftest.py) hold in the two processes too.
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
     for pid in range(2):
         env = dict(
             os.environ,
-            XLA_FLAGS=" ".join([*flags, "--xla_force_host_platform_device_count=4"]),
+            XLA_FLAGS=subprocess_xla_flags(4),
             JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
             JAX_NUM_PROCESSES="2",
             JAX_PROCESS_ID=str(pid),

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from absl import flags
 from flax import nnx
-from test_sharding import plan
+from test_sharding import plan, subprocess_xla_flags
 from tiny_checkpoints import make_checkpoint
 from tiny_workdir import write_dialogues
 
@@ -480,8 +480,7 @@ def test_train_py_default_runs_end_to_end_then_ctrl_c_saves(tmp_path):
     # As on a laptop: one CPU device, not the suite's 8 (the sharded path is tested above, and
     # train.py on a mesh by test_sharding); 8 virtual devices on a few cores also make each
     # step several times slower.
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", XLA_FLAGS=" ".join(flags))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", XLA_FLAGS=subprocess_xla_flags())
     run = subprocess.run(
         _train_cmd(tmp_path / "w", "--config.num_steps=6", "--config.checkpoint_every=3"),
         capture_output=True,
