@@ -32,7 +32,10 @@ roles, no messages, a blank last message, an oversize body, another model's name
 that `max_tokens` leaves no room for, an unknown route or method, a malformed HTTP request)
 get a 4xx answer with OpenAI's error object {"error": {"message", "type", "param", "code"}},
 found before the request joins a batch; a failure inside the model answers 500 to the
-requests of that batch (an error event to those streaming) and the server keeps serving.
+requests of that batch (an error event to those streaming) and the server keeps serving. A
+request refused before its body was read (an oversize body, say) has its connection closed
+only once the client stops sending, or after `LINGER_S`, so that the client reads the answer
+rather than a connection reset.
 
 Batching: requests are read on uvicorn's event loop and handed to one worker thread, which
 runs the model on up to `--max-batch` requests at once: those with the same sampling settings
@@ -85,6 +88,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 MAX_BODY_BYTES = 1 << 20
 BODY_TIMEOUT_S = 60.0  # how long a client may take to send its body
+LINGER_S = 5.0  # how long a refused client may go on sending before its connection is dropped
 
 
 class RequestError(ValueError):
@@ -346,9 +350,48 @@ class Batcher:
             self.batches += 1
 
 
-class _JSONErrorsH11(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol, answering a request it cannot parse (a malformed request
-    line or header, a negative Content-Length) in the API's JSON rather than plain text."""
+class _LingeringTransport:
+    """A connection's transport whose `close` lingers when the client's request was not read to
+    its end (a refused body, a request h11 could not parse): it sends the answer's last bytes
+    and a FIN, then reads and drops what the client still sends until it closes or
+    `LINGER_S` passes. Closed at once, the socket would answer request bytes still unread, or
+    arriving later, with a reset, and the client would see ECONNRESET or EPIPE instead of the
+    error it was sent (seen for every 8 MiB body refused with 413). nginx's lingering close does
+    the same; uvicorn closes at once."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: H11Protocol):
+        self._transport, self._protocol = transport, protocol
+        self.lingering = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def is_closing(self) -> bool:
+        return self.lingering or self._transport.is_closing()
+
+    def close(self) -> None:
+        unread = self._protocol.conn.their_state in (h11.SEND_BODY, h11.ERROR)
+        if self.is_closing() or not unread or not self._transport.can_write_eof():
+            self._transport.close()
+            return
+        self.lingering = True
+        self._transport.write_eof()  # after the buffered answer
+        self._transport.resume_reading()  # flow control may have paused a long body
+        asyncio.get_running_loop().call_later(LINGER_S, self._transport.close)
+
+
+class _H11Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, closing a connection whose request was refused unread with
+    a linger (`_LingeringTransport`), and answering a request it cannot parse (a malformed
+    request line or header, a negative Content-Length) in the API's JSON rather than plain
+    text."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(_LingeringTransport(transport, self))  # type: ignore[arg-type]
+
+    def data_received(self, data: bytes) -> None:
+        if not self.transport.lingering:  # what comes after the answer is dropped
+            super().data_received(data)
 
     def send_400_response(self, msg: str) -> None:
         data = json.dumps(error_body(400, msg)).encode()
@@ -384,7 +427,7 @@ class ChatServer:
         self.app = self._app()
         config = uvicorn.Config(
             self.app,
-            http=_JSONErrorsH11,
+            http=_H11Protocol,
             lifespan="off",
             log_level="warning",
             access_log=False,  # one line per request would drown the console under load

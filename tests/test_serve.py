@@ -14,6 +14,7 @@ import httpx
 import openai
 import pytest
 
+from lisendiff_jax import serve
 from lisendiff_jax.infer.inference import Listener, Options, Request
 from lisendiff_jax.infer.restore import load_workdir
 from lisendiff_jax.serve import ChatRequest, make_server, parse_chat
@@ -186,6 +187,31 @@ def test_the_server_serves_on_after_every_bad_request_at_once(server):
     assert server.batcher.batches == before  # each was refused before reaching the model
     code, _, payload = send(server, "POST", COMPLETIONS, chat(max_tokens=4), {})
     assert code == 200 and isinstance(payload["choices"][0]["message"]["content"], str)
+
+
+def test_a_body_over_the_limit_gets_its_413_while_it_is_still_being_sent(server):
+    # The client writes all 8 MiB before it reads: closed at once, the server's socket would
+    # answer the unread rest with a reset and the client would never see the 413.
+    code, _, payload = send(server, "POST", COMPLETIONS, b" " * (8 << 20), {})
+    assert code == 413 and payload["error"]["message"] == "body over 1048576 bytes"
+
+
+def test_a_refused_client_that_sends_on_is_dropped_after_the_linger(server, monkeypatch):
+    monkeypatch.setattr(serve, "LINGER_S", 0.5)
+    refused = socket.create_connection(("127.0.0.1", server.server_port))
+    refused.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n")
+    refused.settimeout(10)
+    answer = b""
+    while chunk := refused.recv(4096):  # the answer, then the server's FIN
+        answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    start = time.monotonic()
+    with pytest.raises((BrokenPipeError, ConnectionResetError)):
+        while time.monotonic() - start < 10:  # read and dropped until the linger is over
+            refused.sendall(b"x" * 4096)
+            time.sleep(0.01)
+    assert 0.3 < time.monotonic() - start < 5
+    refused.close()
 
 
 def test_the_largest_max_tokens_advised_is_accepted(server):
