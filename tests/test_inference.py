@@ -88,8 +88,13 @@ def test_prompts_of_one_width_share_a_compiled_program(listener):
     are padded to one width: the second costs no compile."""
     turns = [tuple(f"This is turn {i} of a long story." for i in range(n)) for n in range(1, 12)]
     by_length = {len(listener._encode(Request(t), 8).input_ids): t for t in turns}
-    middle = next(t for n, t in by_length.items() if 128 < n <= 160)
-    upper = next(t for n, t in by_length.items() if 224 < n <= 256)
+
+    def of_length(low: int, high: int) -> tuple[str, ...]:
+        found = [t for n, t in by_length.items() if low <= n <= high]
+        assert found, f"no prompt of {low}-{high} tokens; lengths: {sorted(by_length)}"
+        return found[0]
+
+    middle, upper = of_length(129, 160), of_length(225, 256)
     listener.reply([Request(middle, seed=1)], HOT)
     compiled = inference._respond._cache_size()
     listener.reply([Request(upper, seed=1)], HOT)
