@@ -89,6 +89,15 @@ def send(server, method: str, path: str, body: bytes | None, headers: dict) -> t
     return answer
 
 
+def until_closed(conn: socket.socket) -> bytes:
+    """What the server sends on `conn` until it closes its side (10 s at most)."""
+    conn.settimeout(10)
+    answer = b""
+    while chunk := conn.recv(4096):
+        answer += chunk
+    return answer
+
+
 def chat(**fields) -> bytes:
     return json.dumps({"messages": CHAT, **fields}).encode()
 
@@ -200,11 +209,7 @@ def test_a_refused_client_that_sends_on_is_dropped_after_the_linger(server, monk
     monkeypatch.setattr(serve, "LINGER_S", 0.5)
     refused = socket.create_connection(("127.0.0.1", server.server_port))
     refused.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n")
-    refused.settimeout(10)
-    answer = b""
-    while chunk := refused.recv(4096):  # the answer, then the server's FIN
-        answer += chunk
-    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert until_closed(refused).startswith(b"HTTP/1.1 400 ")  # the answer, then a FIN
     start = time.monotonic()
     with pytest.raises((BrokenPipeError, ConnectionResetError)):
         while time.monotonic() - start < 10:  # read and dropped until the linger is over
@@ -235,10 +240,7 @@ def test_a_body_cut_short_does_not_hold_the_server(server, monkeypatch):
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"
     )
     assert client(server).models.list().data  # other clients are served meanwhile
-    stalled.settimeout(10)
-    answer = b""
-    while chunk := stalled.recv(4096):  # and the stalled one is answered and dropped
-        answer += chunk
+    answer = until_closed(stalled)  # and the stalled one is answered and dropped
     stalled.close()
     assert answer.startswith(b"HTTP/1.1 408 ")
     assert "did not arrive" in json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["message"]
