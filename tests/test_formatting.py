@@ -132,6 +132,14 @@ def test_truncation_drops_oldest_turns_and_keeps_roles(tokenizer):
     assert encoded.input_ids[encoded.loss_mask == 1].tolist() == (
         full.input_ids[full.loss_mask == 1].tolist()
     )
+    # At every limit the most recent turns that fit are kept, all of them when they fit.
+    lengths = [
+        len(encode_chat(tokenizer, context[len(context) - k :], SYSTEM, 4096, response).input_ids)
+        for k in range(len(context) + 1)
+    ]  # [turns kept + 1], rising
+    for limit in range(lengths[1], lengths[-1] + 2):
+        kept = encode_chat(tokenizer, context, SYSTEM, limit, response).kept_turns
+        assert kept == max(k for k in range(1, len(context) + 1) if lengths[k] <= limit), limit
 
 
 def test_overlong_last_turn_keeps_its_end_and_the_whole_response(tokenizer):

@@ -25,6 +25,7 @@ plain text, never as the control token, so data cannot forge turn boundaries.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
@@ -187,24 +188,28 @@ def encode_chat(
     `prompt_length` equals their length. Truncation follows the module docstring.
     """
 
-    def render(turns: Sequence[str]) -> tuple[np.ndarray, int]:
+    @functools.cache  # the search's last try is the chat returned
+    def render(turns: tuple[str, ...]) -> tuple[np.ndarray, int]:
         return _render(tokenizer, turns, system, response)
 
-    def fits(turns: Sequence[str]) -> bool:
+    def fits(turns: tuple[str, ...]) -> bool:
         return len(render(turns)[0]) <= max_length
 
+    context = tuple(context)
     n = len(context)
-    kept = _largest_true(lambda k: fits(context[n - k :]), min(n, 1), n)
+    # Most chats fit whole: one render, not a search's log2(n) + 2. (The number of tokens
+    # grows with every turn kept, so the search finds the same turns when they do not fit.)
+    kept = n if fits(context) else _largest_true(lambda k: fits(context[n - k :]), min(n, 1), n - 1)
     if kept is not None:
         ids, prompt_length = render(context[n - kept :])
         return Encoded(ids, prompt_length, kept)
     if context:
         last = context[-1]
-        chars = _largest_true(lambda c: fits([last[len(last) - c :]]), 0, len(last))
+        chars = _largest_true(lambda c: fits((last[len(last) - c :],)), 0, len(last))
         if chars is not None:
-            ids, prompt_length = render([last[len(last) - chars :]])
+            ids, prompt_length = render((last[len(last) - chars :],))
             return Encoded(ids, prompt_length, 1, "last_turn")
-    ids, prompt_length = render([""] if context else [])
+    ids, prompt_length = render(("",) if context else ())
     if response is None or prompt_length >= max_length:
         raise NoRoomError(
             f"max_length={max_length} leaves no room for the reply after the system prompt "
