@@ -15,9 +15,10 @@ export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENT
 ruff check .
 ruff format --check .
 # Two workers, each taking whole files (their fixtures are built once per worker): on a 2-core
-# AMD EPYC without AVX-512 the suite takes 15:22 to 16:40 (18:29 to 19:46 before conftest.py
-# compiled at LLVM level 0 and prompts were padded to powers of two; 21:52 without the cache
-# above too), and less than serially, as the tests wait on compiles, subprocesses and sockets as
-# much as on arithmetic; three workers were no faster there (16:57 against 16:40). Later
+# AMD EPYC without AVX-512 the suite takes 12:24 to 12:59 (15:22 to 16:40 before conftest.py
+# chose XLA:CPU's elemental code generator; 18:29 to 19:46 before it compiled at LLVM level 0
+# and prompts were padded to powers of two; 21:52 without the cache above too), and less than
+# serially, as the tests wait on compiles, subprocesses and sockets as much as on arithmetic;
+# three workers were no faster there (16:57 against 16:40, before the code generator). Later
 # arguments win: `-n 0` runs serially.
 python -m pytest -q -n 2 --dist loadfile "$@"

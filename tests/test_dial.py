@@ -1,5 +1,5 @@
 """The empathy dial and classifier-free guidance on the context: the dial's mix is exact at its
-ends and its ends are the plain styles, g = 1 is no guidance bit for bit, the dial moves the
+ends and its ends are the plain styles, g = 1 is no guidance, the dial moves the
 latent along the empathy direction, context dropout trains a null summary (and p = 0 builds
 none), and bad values are one-line errors naming the field or option."""
 
@@ -102,14 +102,17 @@ def test_the_dials_ends_are_the_plain_styles():
     assert not np.allclose(mixed[2], empathy[2]) and not np.allclose(mixed[3], empathy[3])
 
 
-def test_guidance_one_is_no_guidance_bit_for_bit():
+def test_guidance_one_is_no_guidance():
+    """The guided chain at g = 1 is the unguided one. They are two compiled programs, which XLA
+    may round differently (the suite's CPU code generator does, by 2e-6), so they agree to
+    float32 rounding; the mix itself is exact at g = 1 (tested above)."""
     model = Modules(null_summary=True)
     context, mask, keys = inputs(1)
     w = jnp.array([0.0, 1.0, 0.5, 2.0])
     unguided = dialled(model, context, mask, w, keys)
     guided = dialled(model, context, mask, w, keys, jnp.ones(BATCH))
-    for a, b in zip(guided, unguided, strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for a, b in zip(guided, unguided, strict=True):  # latents, then every step's y0
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
     pushed = dialled(model, context, mask, w, keys, jnp.full((BATCH,), 3.0))[0]
     assert not np.allclose(pushed, unguided[0], atol=1e-3)
 

@@ -305,12 +305,18 @@ def test_the_train_step_moves_a_bf16_head_where_nearest_rounding_would_not(bf16_
     assert (np.sign(step[moved]) == np.sign(u[moved])).all()
     np.testing.assert_allclose((np.sign(u) * step).sum(), np.abs(u).sum(), rtol=0.15)
 
-    # float32 parameters (LoRA) take the same first update whichever way bf16 rounds.
+    # float32 parameters (LoRA) take the same first update whichever way bf16 rounds, to
+    # float32 rounding: the three modes are three programs, which XLA may round differently,
+    # and Adam's first step, lr * g / (|g| + eps), passes that on where |g| is near eps. A
+    # ten-thousandth of lr is a fortieth of the error of rounding an lr-sized value to bf16.
+    lr = tiny_config("nearest").learning_rate
     for path, value in nearest[1].items():
         if path != HEAD:
             assert value.dtype == np.float32
-            np.testing.assert_array_equal(stochastic[1][path], value, err_msg=str(path))
-            np.testing.assert_array_equal(master[1][path], value, err_msg=str(path))
+            for other in (stochastic, master):
+                np.testing.assert_allclose(
+                    other[1][path], value, rtol=1e-6, atol=1e-4 * lr, err_msg=str(path)
+                )
             assert path[-1] != "lora_b" or not np.array_equal(value, nearest[0][path])
 
 

@@ -201,8 +201,9 @@ def sample_latents(
         every = model.denoisers.each(y_t, t, xs)  # [n_styles, batch, L, d]
         out = [every[s] for s in dial]
         if guidance is not None:
-            # A call of its own: the context branch is then computed as without guidance,
-            # so that g = 1 gives its latents bit for bit.
+            # A call of its own: the context branch is then the same computation as without
+            # guidance, so g = 1 gives the unguided latents (bit for bit where XLA compiles
+            # that call alike in both programs).
             every_null = model.denoisers.each(y_t, t, null)
             out += [every_null[s] for s in dial]
         return jnp.stack(out)
