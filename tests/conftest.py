@@ -13,9 +13,10 @@ It also emits its kernels with XLA:CPU's elemental code generator rather than th
 emitters (`--xla_cpu_use_fusion_emitters=false`), whose fixed cost per compile dominates the
 suite's thousands of small programs: on the same machine the tiny train step compiles in
 4.3 s instead of 6.1 (and runs in 280 ms instead of 224 on one device), and the whole suite took
-12:24 instead of 15:40. Two programs that share a computation may then round it differently,
-so no test compares two compiled programs bit for bit. A jaxlib that no longer knows the flag
-(XLA aborts on an unknown one) is asked first, in a child process, and runs without it."""
+12:24 instead of 15:40. Two programs that share a computation may then round it differently:
+the two tests that compared such programs bit for bit (test_dial, test_rounding) compare them
+to float32 rounding. Whether this jaxlib still knows the flag (XLA aborts on an unknown one) is
+asked first, in a child process; without it the suite runs as before, only slower."""
 
 import os
 import subprocess
